@@ -1,0 +1,215 @@
+"""Command line: ``python -m training`` or ``noprop-train``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from training.checkpoint import CheckpointError
+from training.data import DATA_ROOT_ENV, LOADERS, DatasetError
+from training.model import EMBEDDINGS, VARIANTS
+from training.trainer import TrainConfig, Trainer, TrainingError
+
+logger = logging.getLogger("training")
+DEFAULTS = TrainConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train a NoProp classifier (or the back-propagation baseline) and "
+        "write checkpoint.pt, log.csv and curves.png to the output folder.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        choices=sorted(LOADERS),
+        default=DEFAULTS.dataset,
+        help="dataset to train on",
+    )
+    data.add_argument(
+        "--data-root",
+        default=None,
+        help=f"folder holding the datasets (default: ${DATA_ROOT_ENV})",
+    )
+    data.add_argument(
+        "--download",
+        action="store_true",
+        help="download the dataset with torchvision when it is missing",
+    )
+    data.add_argument(
+        "--train-subset",
+        type=int,
+        default=DEFAULTS.train_subset,
+        help="train on this many images, a seeded sample (0: all)",
+    )
+    data.add_argument(
+        "--test-subset",
+        type=int,
+        default=DEFAULTS.test_subset,
+        help="evaluate on the first this many test images (0: all)",
+    )
+    data.add_argument(
+        "--train-eval-size",
+        type=int,
+        default=DEFAULTS.train_eval_size,
+        help="training images scored for the per-epoch train accuracy",
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default=DEFAULTS.variant,
+        help="dt: NoProp-DT; backprop: the same blocks trained end to end",
+    )
+    model.add_argument(
+        "--embedding",
+        choices=EMBEDDINGS,
+        default=DEFAULTS.embedding,
+        help="label embedding kind",
+    )
+    model.add_argument(
+        "--embedding-dim",
+        type=int,
+        default=DEFAULTS.embedding_dim,
+        help="dimensions of a learned embedding (0: 20)",
+    )
+    model.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULTS.num_steps,
+        help="number of blocks and denoising steps T",
+    )
+    model.add_argument(
+        "--dropout",
+        type=float,
+        default=DEFAULTS.dropout,
+        help="dropout probability in the image path",
+    )
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULTS.epochs,
+        help="passes over the training set (with --resume: the new total)",
+    )
+    optim.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS.batch_size,
+        help="images per minibatch",
+    )
+    optim.add_argument(
+        "--lr", type=float, default=DEFAULTS.lr, help="AdamW learning rate"
+    )
+    optim.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=DEFAULTS.lr_schedule,
+        help="learning rate over epochs: constant, or cosine decay to 0",
+    )
+    optim.add_argument(
+        "--weight-decay",
+        type=float,
+        default=DEFAULTS.weight_decay,
+        help="AdamW weight decay",
+    )
+    optim.add_argument(
+        "--eta", type=float, default=DEFAULTS.eta, help="weight of the denoising losses"
+    )
+    optim.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULTS.seed,
+        help="seed of weights, noise, shuffling and subsets",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "-o",
+        "--output-dir",
+        default=None,
+        help="folder for checkpoint.pt, log.csv and curves.png "
+        "(default: runs/noprop, or the resumed checkpoint's folder)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        default=None,
+        help="continue the run saved in this checkpoint; its options win "
+        "over the ones given here, except --epochs and --output-dir",
+    )
+    run.add_argument("--device", default=DEFAULTS.device, help="auto, cpu or cuda[:N]")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (0: torch's default)",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        dataset=args.dataset,
+        variant=args.variant,
+        embedding=args.embedding,
+        embedding_dim=args.embedding_dim,
+        num_steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        weight_decay=args.weight_decay,
+        eta=args.eta,
+        dropout=args.dropout,
+        seed=args.seed,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        train_eval_size=args.train_eval_size,
+        device=args.device,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.resume:
+            trainer = Trainer.from_checkpoint(
+                args.resume, args.output_dir, args.data_root, args.download, args.epochs
+            )
+        else:
+            output_dir = args.output_dir or "runs/noprop"
+            trainer = Trainer(
+                config_from_args(args), output_dir, args.data_root, args.download
+            )
+        row = trainer.run()
+    except (TrainingError, DatasetError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; the last finished epoch is in the checkpoint", file=sys.stderr
+        )
+        return 130
+    if row:
+        print(
+            f"epoch {row['epoch']}: test accuracy {100 * row['test_accuracy']:.2f}% "
+            f"(stochastic {100 * row['test_accuracy_stochastic']:.2f}%), "
+            f"checkpoint {trainer.checkpoint_path}"
+        )
+    return 0

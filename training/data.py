@@ -1,0 +1,341 @@
+"""Image classification datasets, held in memory as uint8 tensors.
+
+MNIST and Fashion-MNIST come through torchvision, which reads the raw IDX files
+under ``ROOT/MNIST/raw`` and ``ROOT/FashionMNIST/raw``. CIFAR-10 and CIFAR-100
+come through torchvision's python version (``cifar-10-batches-py``,
+``cifar-100-python``) or, for offline copies, the official binary version
+(``cifar-10-batches-bin``, ``cifar-100-binary``) read here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+DATA_ROOT_ENV = "NOPROP_DATA_ROOT"
+CIFAR_IMAGE_BYTES = 3 * 32 * 32
+
+
+class DatasetError(Exception):
+    """A dataset is missing, malformed or unknown."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a trained model needs to know about its data; stored in checkpoints."""
+
+    name: str
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]  # per channel, of pixels scaled to [0, 1]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "class_names": list(self.class_names),
+            "image_shape": list(self.image_shape),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DatasetInfo:
+        return cls(
+            name=values["name"],
+            class_names=tuple(values["class_names"]),
+            image_shape=tuple(values["image_shape"]),
+            mean=tuple(values["mean"]),
+            std=tuple(values["std"]),
+        )
+
+
+@dataclass
+class ImageSplit:
+    """One split: images (N, C, H, W) uint8 and labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def subset(self, count: int, seed: int | None = None) -> ImageSplit:
+        """Return ``count`` examples: the first ones, or a seeded random sample."""
+        if count <= 0 or count >= len(self):
+            return self
+        if seed is None:
+            index = torch.arange(count)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            index = torch.randperm(len(self), generator=generator)[:count]
+        return ImageSplit(self.images[index], self.labels[index])
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 (B, C, H, W), scaled to [0, 1] and standardized."""
+    mean = torch.tensor(info.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
+    """Return the data root from the argument or NOPROP_DATA_ROOT."""
+    value = data_root or os.environ.get(DATA_ROOT_ENV)
+    if not value:
+        raise DatasetError(
+            f"no data root given; pass --data-root DIR or set {DATA_ROOT_ENV}"
+        )
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data root {root} is not a directory")
+    return root
+
+
+# --- MNIST and Fashion-MNIST (torchvision, raw IDX files) ---
+
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def _load_idx(dataset_cls: type, folder: str, root: Path, train: bool, download: bool):
+    raw = root / folder / "raw"
+    missing = [name for name in IDX_FILES if not (raw / name).is_file()]
+    if missing and not download:
+        raise DatasetError(
+            f"{folder} not found: {raw} lacks {', '.join(missing)} "
+            f"(expected the uncompressed IDX files {', '.join(IDX_FILES)}); "
+            "pass --download to fetch it"
+        )
+    try:
+        dataset = dataset_cls(str(root), train=train, download=download)
+    except Exception as error:  # torchvision raises many kinds on bad files
+        raise DatasetError(f"could not read {folder} from {raw}: {error}") from error
+    images = dataset.data.unsqueeze(1).contiguous()  # (N, 28, 28) -> (N, 1, 28, 28)
+    return ImageSplit(images, dataset.targets.long())
+
+
+def load_mnist(
+    root: Path, train: bool, download: bool
+) -> tuple[ImageSplit, DatasetInfo]:
+    from torchvision.datasets import MNIST
+
+    split = _load_idx(MNIST, "MNIST", root, train, download)
+    names = tuple(str(digit) for digit in range(10))
+    return split, DatasetInfo("mnist", names, (1, 28, 28), (0.1307,), (0.3081,))
+
+
+def load_fashion_mnist(
+    root: Path, train: bool, download: bool
+) -> tuple[ImageSplit, DatasetInfo]:
+    from torchvision.datasets import FashionMNIST
+
+    split = _load_idx(FashionMNIST, "FashionMNIST", root, train, download)
+    info = DatasetInfo(
+        "fashion-mnist", FASHION_CLASSES, (1, 28, 28), (0.2860,), (0.3530,)
+    )
+    return split, info
+
+
+# --- CIFAR-10 and CIFAR-100 ---
+
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+def read_cifar_binary(path: Path, label_bytes: int, num_classes: int) -> ImageSplit:
+    """Read records of ``label_bytes`` label bytes and 3,072 pixels (R, G, B planes).
+
+    For CIFAR-100 (two label bytes: coarse, fine) the fine label is kept.
+    """
+    record = label_bytes + CIFAR_IMAGE_BYTES
+    size = path.stat().st_size
+    if size == 0 or size % record:
+        raise DatasetError(
+            f"{path} is malformed: {size} bytes is not a positive multiple of the "
+            f"{record}-byte record "
+            f"({label_bytes} label bytes + {CIFAR_IMAGE_BYTES} pixels)"
+        )
+    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, record)
+    labels = raw[:, label_bytes - 1].astype(np.int64)
+    if labels.max() >= num_classes:
+        raise DatasetError(
+            f"{path} is malformed: label {labels.max()} "
+            f"is out of range 0..{num_classes - 1}"
+        )
+    images = raw[:, label_bytes:].reshape(-1, 3, 32, 32)
+    return ImageSplit(torch.from_numpy(images.copy()), torch.from_numpy(labels))
+
+
+def read_class_names(path: Path, count: int) -> tuple[str, ...]:
+    if not path.is_file():
+        raise DatasetError(
+            f"{path} not found; expected {count} class names, one per line"
+        )
+    names = tuple(
+        line.strip() for line in path.read_text().splitlines() if line.strip()
+    )
+    if len(names) != count:
+        raise DatasetError(f"{path} lists {len(names)} class names; expected {count}")
+    return names
+
+
+def _concat(splits: list[ImageSplit]) -> ImageSplit:
+    images = torch.cat([split.images for split in splits])
+    return ImageSplit(images, torch.cat([split.labels for split in splits]))
+
+
+def load_cifar10_binary(
+    folder: Path, train: bool
+) -> tuple[ImageSplit, tuple[str, ...]]:
+    names = read_class_names(folder / "batches.meta.txt", 10)
+    if not train:
+        return _read_required(folder / "test_batch.bin", 1, 10), names
+    paths = [folder / f"data_batch_{index}.bin" for index in range(1, 6)]
+    present = [path for path in paths if path.is_file()]
+    if not present:
+        raise DatasetError(
+            f"CIFAR-10 training data not found: {folder} has none of "
+            "data_batch_1.bin .. data_batch_5.bin"
+        )
+    if len(present) < len(paths):
+        missing = ", ".join(path.name for path in paths if path not in present)
+        logger.warning("%s lacks %s; training on the batches present", folder, missing)
+    return _concat([read_cifar_binary(path, 1, 10) for path in present]), names
+
+
+def load_cifar100_binary(
+    folder: Path, train: bool
+) -> tuple[ImageSplit, tuple[str, ...]]:
+    names = read_class_names(folder / "fine_label_names.txt", 100)
+    path = folder / ("train.bin" if train else "test.bin")
+    return _read_required(path, 2, 100), names
+
+
+def _read_required(path: Path, label_bytes: int, num_classes: int) -> ImageSplit:
+    if not path.is_file():
+        raise DatasetError(f"{path} not found; expected the official CIFAR binary file")
+    return read_cifar_binary(path, label_bytes, num_classes)
+
+
+def _load_cifar_python(dataset_cls: type, root: Path, train: bool, download: bool):
+    try:
+        dataset = dataset_cls(str(root), train=train, download=download)
+    except Exception as error:  # torchvision raises many kinds on bad files
+        raise DatasetError(
+            f"could not read {dataset_cls.__name__} from {root}: {error}"
+        ) from error
+    images = (
+        torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+    )  # NHWC -> NCHW
+    return ImageSplit(images, torch.tensor(dataset.targets, dtype=torch.long)), tuple(
+        dataset.classes
+    )
+
+
+def _load_cifar(
+    root: Path, train: bool, download: bool, *, number: int
+) -> tuple[ImageSplit, tuple[str, ...]]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    python_folder, binary_folder, dataset_cls, binary_loader = {
+        10: (
+            "cifar-10-batches-py",
+            "cifar-10-batches-bin",
+            CIFAR10,
+            load_cifar10_binary,
+        ),
+        100: ("cifar-100-python", "cifar-100-binary", CIFAR100, load_cifar100_binary),
+    }[number]
+    if (root / python_folder).is_dir() or (
+        download and not (root / binary_folder).is_dir()
+    ):
+        return _load_cifar_python(dataset_cls, root, train, download)
+    if (root / binary_folder).is_dir():
+        return binary_loader(root / binary_folder, train)
+    raise DatasetError(
+        f"CIFAR-{number} not found under {root}: expected {python_folder}/ "
+        f"(python version) or {binary_folder}/ (binary version); "
+        "pass --download to fetch it"
+    )
+
+
+def load_cifar10(
+    root: Path, train: bool, download: bool
+) -> tuple[ImageSplit, DatasetInfo]:
+    split, names = _load_cifar(root, train, download, number=10)
+    return split, DatasetInfo("cifar10", names, (3, 32, 32), *CIFAR10_STATS)
+
+
+def load_cifar100(
+    root: Path, train: bool, download: bool
+) -> tuple[ImageSplit, DatasetInfo]:
+    split, names = _load_cifar(root, train, download, number=100)
+    return split, DatasetInfo("cifar100", names, (3, 32, 32), *CIFAR100_STATS)
+
+
+LOADERS: dict[str, Callable[[Path, bool, bool], tuple[ImageSplit, DatasetInfo]]] = {
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+}
+
+
+def load_dataset(
+    name: str, data_root: str | os.PathLike | None, train: bool, download: bool = False
+) -> tuple[ImageSplit, DatasetInfo]:
+    """Load one split of a dataset into memory and check its shape and labels."""
+    if name not in LOADERS:
+        raise DatasetError(
+            f"unknown dataset {name!r}; expected one of {sorted(LOADERS)}"
+        )
+    root = resolve_data_root(data_root)
+    split, info = LOADERS[name](root, train, download)
+    validate_split(split, info)
+    return split, info
+
+
+def validate_split(split: ImageSplit, info: DatasetInfo) -> None:
+    """Reject data whose shapes or labels do not match the dataset's description."""
+    if tuple(split.images.shape[1:]) != info.image_shape:
+        raise DatasetError(
+            f"{info.name} images have shape {tuple(split.images.shape[1:])}; "
+            f"expected {info.image_shape}"
+        )
+    if split.images.dtype != torch.uint8:
+        raise DatasetError(
+            f"{info.name} images are {split.images.dtype}; expected uint8"
+        )
+    if len(split) == 0:
+        raise DatasetError(f"{info.name} has no examples")
+    num_classes = len(info.class_names)
+    low, high = int(split.labels.min()), int(split.labels.max())
+    if low < 0 or high >= num_classes:
+        raise DatasetError(
+            f"{info.name} labels span {low}..{high}; expected 0..{num_classes - 1}"
+        )

@@ -1,0 +1,332 @@
+"""The training loop: epochs of minibatches, evaluation, logs and checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data import DatasetInfo, load_dataset, normalize
+from training.evaluation import accuracy
+from training.losses import DEFAULT_ETA, LossTerms, loss_and_gradients
+from training.model import ModelConfig, NoPropNet
+from training.progress import TrainingLog
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class TrainingError(Exception):
+    """Training cannot start or continue (bad options, diverged loss)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; stored in every checkpoint."""
+
+    dataset: str = "mnist"
+    variant: str = "dt"
+    embedding: str = "one-hot"
+    embedding_dim: int = 0
+    num_steps: int = 10
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": decays to 0 at the last epoch
+    weight_decay: float = 1e-3
+    eta: float = DEFAULT_ETA
+    dropout: float = 0.2
+    seed: int = 0
+    train_subset: int = 0  # 0 uses the whole training split
+    test_subset: int = 0  # 0 uses the whole test split
+    train_eval_size: int = (
+        5000  # training images scored for the per-epoch train accuracy
+    )
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "num_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainingError(
+                    f"{name} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(
+                f"invalid lr_schedule {self.lr_schedule!r}; "
+                f"expected one of {LR_SCHEDULES}"
+            )
+        for name in ("lr", "eta"):
+            if not getattr(self, name) > 0:
+                raise TrainingError(
+                    f"{name} must be positive, got {getattr(self, name)}"
+                )
+        for name in ("weight_decay", "train_subset", "test_subset", "train_eval_size"):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def model_config(self, info: DatasetInfo) -> ModelConfig:
+        return ModelConfig(
+            image_shape=info.image_shape,
+            num_classes=len(info.class_names),
+            variant=self.variant,
+            num_steps=self.num_steps,
+            embedding=self.embedding,
+            embedding_dim=self.embedding_dim,
+            dropout=self.dropout,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map "auto", "cpu" or "cuda[:N]" to a device, rejecting unavailable ones."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(
+            f"device {name!r} requested but CUDA is not available; use cpu"
+        )
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise TrainingError(
+            f"invalid device {name!r}; expected auto, cpu or cuda[:N]"
+        ) from error
+
+
+class Trainer:
+    """Train one NoProp network and write its checkpoint, log and plot to a folder."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        output_dir: str | os.PathLike,
+        data_root: str | os.PathLike | None = None,
+        download: bool = False,
+        resume: dict | None = None,
+    ) -> None:
+        self.config = config
+        self.output_dir = Path(output_dir)
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+
+        self.train_split, self.info = load_dataset(
+            config.dataset, data_root, True, download
+        )
+        self.test_split, _ = load_dataset(config.dataset, data_root, False, download)
+        self.train_split = self.train_split.subset(
+            config.train_subset, seed=config.seed
+        )
+        self.test_split = self.test_split.subset(config.test_subset)
+        self.train_eval_split = self.train_split.subset(
+            config.train_eval_size, seed=config.seed + 1
+        )
+        self.train_split.images = self.train_split.images.to(self.device)
+        self.train_split.labels = self.train_split.labels.to(self.device)
+
+        self.model = NoPropNet(config.model_config(self.info)).to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = self.build_scheduler()
+        self.log = TrainingLog(self.output_dir, config.num_steps)
+        self.epoch = 0
+        if resume is not None:
+            self.restore(resume)
+        elif config.embedding == "prototype":
+            images = normalize(self.train_split.images, self.info)
+            self.model.embedding.initialize_prototypes(images, self.train_split.labels)
+
+    def build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        if self.config.lr_schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, self.config.epochs
+            )
+        return torch.optim.lr_scheduler.ConstantLR(
+            self.optimizer, factor=1.0, total_iters=0
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        output_dir: str | os.PathLike | None = None,
+        data_root: str | os.PathLike | None = None,
+        download: bool = False,
+        epochs: int | None = None,
+    ) -> Trainer:
+        """Resume the run saved in ``path``, optionally raising its epoch count."""
+        checkpoint = load_checkpoint(path)
+        config = TrainConfig.from_dict(checkpoint["train_config"])
+        if epochs is not None:
+            config = replace(config, epochs=epochs)
+        output_dir = output_dir or Path(path).parent
+        return cls(config, output_dir, data_root, download, resume=checkpoint)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / CHECKPOINT_NAME
+
+    def restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model_state"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+        self.epoch = checkpoint["epoch"]
+        self.log.history = list(checkpoint["history"])
+        torch.set_rng_state(checkpoint["rng_state"])
+        logger.info("resumed from epoch %d", self.epoch)
+
+    def run(self) -> dict:
+        """Train until ``config.epochs`` and return the last epoch's log row."""
+        logger.info(
+            "training %s on %s: %d train / %d test images, %d epochs, device %s",
+            self.config.variant,
+            self.config.dataset,
+            len(self.train_split),
+            len(self.test_split),
+            self.config.epochs,
+            self.device,
+        )
+        if self.epoch >= self.config.epochs:
+            logger.info(
+                "checkpoint already has %d epochs; nothing to train", self.epoch
+            )
+        while self.epoch < self.config.epochs:
+            self.run_epoch()
+        return self.log.history[-1] if self.log.history else {}
+
+    def run_epoch(self) -> dict:
+        start = time.perf_counter()
+        losses = self.train_one_epoch()
+        train_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        metrics = self.evaluate()
+        row = {
+            "epoch": self.epoch + 1,
+            **losses,
+            **metrics,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - start,
+        }
+        self.epoch += 1
+        self.scheduler.step()
+        self.log.append(row)
+        self.save()
+        self.log.plot()
+        logger.info(
+            "epoch %d: loss %.4f, train acc %.4f, test acc %.4f "
+            "(stochastic %.4f), %.0f s",
+            row["epoch"],
+            row["loss"],
+            row["train_accuracy"],
+            row["test_accuracy"],
+            row["test_accuracy_stochastic"],
+            train_seconds,
+        )
+        return row
+
+    def train_one_epoch(self) -> dict:
+        self.model.train()
+        generator = torch.Generator().manual_seed(
+            self.config.seed * 100_003 + self.epoch
+        )
+        order = torch.randperm(len(self.train_split), generator=generator).to(
+            self.device
+        )
+        batches = order.split(self.config.batch_size)
+        totals: dict[str, torch.Tensor] = {}
+        progress = tqdm(
+            batches,
+            desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+            unit="batch",
+            leave=False,
+            mininterval=2.0,
+        )
+        for step, index in enumerate(progress):
+            terms = self.run_step(index, step)
+            for name, value in self.loss_fields(terms).items():
+                totals[name] = totals.get(name, 0) + value
+        return {name: float(value) / len(batches) for name, value in totals.items()}
+
+    def run_step(self, index: torch.Tensor, step: int) -> LossTerms:
+        x = normalize(self.train_split.images[index], self.info)  # (B, C, H, W)
+        labels = self.train_split.labels[index]  # (B,)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = loss_and_gradients(self.model, x, labels, self.config.eta)
+        self.check_finite(terms, step)
+        self.optimizer.step()
+        return terms
+
+    def check_finite(self, terms: LossTerms, step: int) -> None:
+        if math.isfinite(terms.total.item()):
+            return
+        bad_blocks = [
+            str(t + 1)
+            for t, value in enumerate(terms.block_mse.tolist())
+            if not math.isfinite(value)
+        ]
+        where = (
+            f"block(s) {', '.join(bad_blocks)}" if bad_blocks else "the classifier head"
+        )
+        raise TrainingError(
+            f"loss became {terms.total.item()} at epoch {self.epoch + 1}, step {step} "
+            f"in {where}; lower --lr or check the data"
+        )
+
+    @staticmethod
+    def loss_fields(terms: LossTerms) -> dict[str, torch.Tensor]:
+        values = {
+            "loss": terms.total,
+            "cross_entropy": terms.cross_entropy,
+            "kl": terms.kl,
+        }
+        for t, mse in enumerate(terms.block_mse, start=1):
+            values[f"block_{t}_mse"] = mse
+        return values
+
+    def evaluate(self) -> dict:
+        return {
+            "train_accuracy": accuracy(self.model, self.train_eval_split, self.info),
+            "test_accuracy": accuracy(self.model, self.test_split, self.info),
+            "test_accuracy_stochastic": accuracy(
+                self.model, self.test_split, self.info, deterministic=False
+            ),
+        }
+
+    def save(self) -> Path:
+        last = self.log.history[-1]
+        contents = {
+            "train_config": asdict(self.config),
+            "model_config": self.model.config.to_dict(),
+            "dataset": self.info.to_dict(),
+            "schedule": {"alpha_bar": self.model.alpha_bar.tolist()},
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.log.history,
+            "metrics": {
+                "test_accuracy": last["test_accuracy"],
+                "test_accuracy_stochastic": last["test_accuracy_stochastic"],
+                "train_accuracy": last["train_accuracy"],
+                "test_images": len(self.test_split),
+            },
+            "rng_state": torch.get_rng_state(),
+        }
+        return save_checkpoint(self.checkpoint_path, contents)
