@@ -6,9 +6,9 @@ process so that its peak memory is its own:
 
     python benchmarks/train_memory_speed.py --data-root DIR --steps 40
 
-On CPU the peak is the growth of the process's peak resident set size (RSS)
-over what it held before the first training step (data and weights), so it
-counts activations, gradients and the optimizer state; on CUDA it is
+On CPU, the peak is how far the process's peak resident set size (RSS) grew
+over what it held before the first training step (data and weights). So it
+counts activations, gradients and the optimizer state. On CUDA, the peak is
 torch.cuda.max_memory_allocated, which also counts the weights.
 """
 

@@ -20,9 +20,7 @@ TINY = TrainConfig(
 
 
 def test_short_training_learns(data_root, tmp_path):
-    config = replace(
-        TINY, num_steps=10, epochs=2, train_subset=2000, test_subset=500, lr=2e-3
-    )
+    config = replace(TINY, num_steps=5, train_subset=1500, test_subset=500, lr=2e-3)
     trainer = Trainer(config, tmp_path, data_root)
 
     row = trainer.run()
@@ -37,7 +35,7 @@ def test_short_training_learns(data_root, tmp_path):
 
 
 def test_backprop_baseline_learns(data_root, tmp_path):
-    config = replace(TINY, variant="backprop", num_steps=3, train_subset=1000, lr=2e-3)
+    config = replace(TINY, variant="backprop", num_steps=3, train_subset=1500, lr=2e-3)
 
     row = Trainer(config, tmp_path, data_root).run()
 
