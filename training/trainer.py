@@ -150,14 +150,18 @@ class Trainer:
             images = normalize(self.train_split.images, self.info)
             self.model.embedding.initialize_prototypes(images, self.train_split.labels)
 
-    def build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+    def build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """Scale the learning rate per epoch: constant, or a cosine decay to 0.
+
+        The factor is a closed form of the epoch and the run's total epochs, so a
+        resumed run whose --epochs was raised decays over the new total.
+        """
+        total = self.config.epochs
         if self.config.lr_schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(
-                self.optimizer, self.config.epochs
-            )
-        return torch.optim.lr_scheduler.ConstantLR(
-            self.optimizer, factor=1.0, total_iters=0
-        )
+            factor = lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / total))  # noqa: E731
+        else:
+            factor = lambda epoch: 1.0  # noqa: E731
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     @classmethod
     def from_checkpoint(

@@ -83,6 +83,8 @@ def test_resume_can_extend_epochs(data_root, tmp_path):
 
     assert resumed.epoch == 2
     assert load_trained_model(resumed.checkpoint_path).checkpoint["epoch"] == 2
+    # The cosine decay is replanned over 2 epochs instead of ending at lr 0.
+    assert resumed.log.history[-1]["lr"] == pytest.approx(0.5 * TINY.lr)
 
 
 def test_prototype_embedding_starts_from_training_images(data_root, tmp_path):
