@@ -1,0 +1,95 @@
+"""Command line: ``python -m service`` or ``noprop-serve``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.settings import Settings, describe_settings, format_validation_error
+from service.state import ServiceState
+
+logger = logging.getLogger(__name__)
+
+EXIT_INVALID_SETTINGS = 2
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that drains before it shuts down.
+
+    On the first SIGTERM or SIGINT, readiness turns 503 at once, new
+    classifications continue for NOPROP_DRAIN_DELAY_S, and the requests in
+    flight complete. Only then does uvicorn's own shutdown start. A second
+    signal skips the rest of the drain.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self._state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or self._drain is not None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        logger.info("received %s; draining", signal.Signals(sig).name)
+        # Signal handlers run between bytecodes of the main thread, so the
+        # drain is scheduled on the event loop instead of started here.
+        self._loop.call_soon_threadsafe(self._start_drain, sig)
+
+    def _start_drain(self, sig: int) -> None:
+        if self._drain is None:
+            self._drain = asyncio.create_task(self._drain_then_exit(sig))
+
+    async def _drain_then_exit(self, sig: int) -> None:
+        try:
+            await self._state.drain()
+        finally:
+            super().handle_exit(sig, None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve an exported NoProp ONNX model over HTTP. All settings "
+        "come from environment variables.",
+        epilog="environment variables:\n" + describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(format_validation_error(error), file=sys.stderr)
+        return EXIT_INVALID_SETTINGS
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # use the logging set up above
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
+    DrainingServer(config, app.state.service).run()
+    return 0
