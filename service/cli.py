@@ -34,6 +34,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._state = state
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_requested = False
         self._drain: asyncio.Task | None = None
 
     async def serve(self, sockets=None) -> None:
@@ -41,17 +42,17 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._loop is None or self._drain is not None or self.should_exit:
+        if self._loop is None or self._drain_requested or self.should_exit:
             super().handle_exit(sig, frame)
             return
+        self._drain_requested = True
         logger.info("received %s; draining", signal.Signals(sig).name)
         # Signal handlers run between bytecodes of the main thread, so the
         # drain is scheduled on the event loop instead of started here.
         self._loop.call_soon_threadsafe(self._start_drain, sig)
 
     def _start_drain(self, sig: int) -> None:
-        if self._drain is None:
-            self._drain = asyncio.create_task(self._drain_then_exit(sig))
+        self._drain = asyncio.create_task(self._drain_then_exit(sig))
 
     async def _drain_then_exit(self, sig: int) -> None:
         try:

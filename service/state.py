@@ -140,7 +140,10 @@ class ServiceState:
 
     async def drain(self) -> None:
         """Turn readiness off, stop new classifications after the drain delay,
-        and wait for requests in flight, at most ``shutdown_timeout_s``."""
+        and wait for requests in flight, at most ``shutdown_timeout_s``.
+
+        Requests still waiting for a batch after that get 503.
+        """
         self.phase = Phase.DRAINING
         self.detail = "the service is shutting down"
         logger.info(
@@ -155,10 +158,13 @@ class ServiceState:
             await asyncio.sleep(0.01)
         if self.in_flight:
             logger.error(
-                "drain timed out after %.1f s with %d requests in flight",
+                "drain timed out after %.1f s with %d requests in flight; "
+                "failing their queued images",
                 self.settings.shutdown_timeout_s,
                 self.in_flight,
             )
+            if self.batcher is not None:
+                await self.batcher.stop(timeout=0)
         else:
             logger.info("drained: no requests in flight")
 

@@ -205,6 +205,27 @@ def test_failed_batch_returns_500(model_path, gate, digit):
     assert failed_batches == 1
 
 
+def test_drain_timeout_fails_waiting_requests(model_path, gate, digit):
+    with start_client(model_path, shutdown_timeout_s=0.3) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200)
+        state = client.app.state.service
+        gate.run_open.clear()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(post_digit, client, digit)
+            wait_for(lambda: state.in_flight == 1 and state.batcher.queue_depth == 0)
+            client.portal.call(state.drain)
+            response = waiting.result(GATE_TIMEOUT_S)
+            ready = client.get("/readyz")
+            late = post_digit(client, digit)
+        gate.run_open.set()
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "shutting_down"
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "draining"
+    assert late.status_code == 503
+
+
 def test_client_disconnect_drops_queued_image(model_path, gate, digit):
     """A client that leaves while its image waits gets its image dropped unrun."""
     settings = make_settings(model_path, max_batch_size=1, max_queue_delay_ms=0)
