@@ -20,6 +20,8 @@ from service.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
+# Other methods share one metrics label, so that clients cannot create series.
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Client-supplied ids are kept only when they cannot forge log lines.
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -68,7 +70,7 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in METRIC_METHODS else "other"
             self.metrics.requests.labels(method, path, str(status)).inc()
             self.metrics.request_seconds.labels(method, path).observe(
                 time.perf_counter() - start

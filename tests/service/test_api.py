@@ -407,6 +407,13 @@ def test_metrics_prometheus_format(client):
     assert statuses["400"] >= 1
 
 
+def test_metrics_label_unknown_method_other(client):
+    assert client.request("BREW", "/classify").status_code == 405
+    text = client.get("/metrics").text
+    assert 'method="other",route="/classify",status="405"' in text
+    assert "BREW" not in text
+
+
 def test_openapi_documents_classify(client):
     schema = client.get("/openapi.json").json()
     operation = schema["paths"]["/classify"]["post"]

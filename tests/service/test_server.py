@@ -121,8 +121,8 @@ def test_http_accuracy_matches_offline(
 def test_server_drains_on_sigterm(
     model_path: Path, mnist_test: MnistTest, tmp_path: Path
 ):
-    """Readiness is 503 from warm-up to ready, and again on SIGTERM, while the
-    requests in flight complete before the process exits."""
+    """The server listens before the model is ready. On SIGTERM readiness turns
+    503 and the requests in flight complete before the process exits."""
     server = ServerProcess(
         model_path,
         tmp_path / "server.log",
@@ -158,8 +158,13 @@ def test_server_drains_on_sigterm(
     finally:
         server.stop()
 
-    assert starting.status_code == 503
-    assert starting.json()["status"] == "starting"
+    # The model loads after uvicorn listens, so /readyz is 503 until then. The
+    # first probe may still come too late to see it with a small model.
+    if starting.status_code != 200:
+        assert starting.status_code == 503
+        assert starting.json()["status"] == "starting"
+    log = server.log_path.read_text()
+    assert log.index("Uvicorn running on") < log.index("INFO service.state ready")
     assert draining.status_code == 503
     assert draining.json()["status"] == "draining"
     assert late.status_code == 503
@@ -170,6 +175,5 @@ def test_server_drains_on_sigterm(
     np.testing.assert_allclose(served, expected, atol=BATCH_TOLERANCE)
     # uvicorn re-raises the captured SIGTERM after a graceful shutdown.
     assert returncode == -signal.SIGTERM
-    log = server.log_path.read_text()
     assert "received SIGTERM; draining" in log
     assert "shutdown complete" in log
