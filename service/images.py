@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+# A Python bytes literal, as Pillow quotes parts of the data in some messages.
+BYTES_LITERAL = re.compile(r"""\bb(['"]).*?(?<!\\)\1""")
+MAX_MESSAGE_CHARS = 200
 
 # Formats that Pillow may open. Restricting them keeps Pillow away from plugins
 # such as EPS, which runs Ghostscript when it is installed.
@@ -53,7 +58,9 @@ def decode_image(
     except ImageError:
         raise
     except Exception as error:
-        raise ImageError(f"the image data is truncated or corrupt: {error}") from error
+        raise ImageError(
+            f"the image data is truncated or corrupt: {describe_error(error)}"
+        ) from error
 
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
@@ -74,7 +81,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             f"{', '.join(ALLOWED_FORMATS)}"
         ) from error
     except (OSError, ValueError, SyntaxError) as error:
-        raise ImageError(f"the data is not a readable image: {error}") from error
+        raise ImageError(
+            f"the data is not a readable image: {describe_error(error)}"
+        ) from error
 
     width, height = image.size
     if width < 1 or height < 1:
@@ -106,3 +115,9 @@ def _convert_mode(image: Image.Image, target_mode: str) -> Image.Image:
     if image.mode not in ("L", "RGB"):
         image = image.convert("RGB")
     return image.convert(target_mode)
+
+
+def describe_error(error: Exception) -> str:
+    """Return a decoder's message without the upload's bytes, for clients and logs."""
+    message = BYTES_LITERAL.sub("<bytes>", str(error))
+    return message[:MAX_MESSAGE_CHARS]

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import ImageError, ImageTooLargeError, decode_image
+from service.images import (
+    ImageError,
+    ImageTooLargeError,
+    decode_image,
+    describe_error,
+)
 from tests.service.conftest import example_digits
 
 MNIST_SHAPE = (28, 28, 1)
@@ -166,3 +171,12 @@ def test_decode_rejects_float_images():
     image = Image.fromarray(np.zeros((28, 28), np.float32))
     with pytest.raises(ImageError, match="mode F"):
         decode_image(encode(image, "TIFF"), MNIST_SHAPE, MAX_PIXELS)
+
+
+def test_describe_error_hides_image_bytes():
+    error = SyntaxError("broken PNG file (chunk b'\\x01\\x02zz')")
+    assert describe_error(error) == "broken PNG file (chunk <bytes>)"
+    quoted = ValueError('bad marker b"\\xff\\"" in b\'abc\'')
+    assert describe_error(quoted) == "bad marker <bytes> in <bytes>"
+    assert describe_error(ValueError("the club's 'b' file")) == "the club's 'b' file"
+    assert len(describe_error(ValueError("x" * 1000))) == 200
