@@ -68,6 +68,8 @@ def digit() -> bytes:
 
 
 def start_client(model_path: Path, **settings) -> TestClient:
+    # Batches of one image keep the warm-up of each test's app to one run.
+    settings = {"max_batch_size": 1, **settings}
     return TestClient(create_app(make_settings(model_path, **settings)))
 
 
