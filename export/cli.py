@@ -118,11 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
         )
     except VerificationError as error:
-        partial = getattr(error, "report", None)
-        if partial is not None:
-            print(partial.summary())
+        if error.report is not None:
+            print(error.report.summary())
         print(f"error: {error}", file=sys.stderr)
-        print(_not_written(output, variants, partial), file=sys.stderr)
+        print(_not_written(output, variants, error.report), file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
     except (CheckpointError, DatasetError, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from export.errors import ExportError, VerificationError
 from export.graph import DEFAULT_OPSET, build_onnx_model, check_contract
@@ -69,10 +70,12 @@ class ExportReport:
         ]
         for file in self.files:
             result = file.verification
+            drop = ""
+            if file.precision != "fp32":
+                drop = f" (drop vs fp32 {100 * file.accuracy_drop:.2f} pp)"
             lines.append(
                 f"{file.precision}: {file.path} ({file.size_bytes / 1e6:.1f} MB), "
-                f"accuracy {100 * result.accuracy:.2f}% "
-                f"(drop vs fp32 {100 * file.accuracy_drop:.2f} pp), "
+                f"accuracy {100 * result.accuracy:.2f}%{drop}, "
                 f"max |dp| {result.max_abs_diff:.2e}, "
                 f"top-class mismatches {result.argmax_mismatches}"
             )
@@ -80,11 +83,13 @@ class ExportReport:
 
 
 @dataclass(frozen=True)
-class _Reference:
-    """The PyTorch outputs that every exported file is compared with."""
+class _ExportContext:
+    """The checkpoint and the PyTorch outputs that every exported file shares."""
 
-    split: ImageSplit
-    probabilities: np.ndarray  # (N, num_classes)
+    trained: TrainedModel
+    checkpoint_sha256: str
+    split: ImageSplit  # the verification images
+    probabilities: np.ndarray  # PyTorch's, (N, num_classes)
     batch_size: int
 
 
@@ -108,7 +113,7 @@ def export_checkpoint(
 ) -> ExportReport:
     """Export ``checkpoint`` to ``output`` and to the requested variants.
 
-    ``variants`` may hold "fp16" and "int8"; each goes to ``variant_path``.
+    ``variants`` may contain "fp16" and "int8", each written to ``variant_path``.
     Verification uses the first ``verify_images`` test images of the
     checkpoint's dataset (0: the whole test split), read from ``data_root`` or
     $NOPROP_DATA_ROOT. Raises CheckpointError for an unreadable checkpoint,
@@ -122,34 +127,23 @@ def export_checkpoint(
     split = load_test_split(trained.dataset, data_root, verify_images)
 
     logger.info("running PyTorch on %d test images", len(split))
-    reference = _Reference(
-        split,
-        torch_probabilities(trained.model, split.images, trained.dataset, batch_size),
-        batch_size,
+    probabilities = torch_probabilities(
+        trained.model, split.images, trained.dataset, batch_size
+    )
+    context = _ExportContext(
+        trained, checkpoint_sha256, split, probabilities, batch_size
     )
     logger.info("exporting %s with torch.onnx (opset %d)", checkpoint, opset)
     fp32_model = build_onnx_model(trained.model, trained.dataset, opset)
 
-    fp32_file = _write_verified(
-        fp32_model, "fp32", Path(output), trained, checkpoint_sha256, reference, None
-    )
+    fp32_file = _write_verified(fp32_model, "fp32", Path(output), context)
     files = [fp32_file]
     failures = []
     for precision in variants:
         model = convert_precision(fp32_model, precision)
         path = variant_path(output, precision)
         try:
-            files.append(
-                _write_verified(
-                    model,
-                    precision,
-                    path,
-                    trained,
-                    checkpoint_sha256,
-                    reference,
-                    fp32_file,
-                )
-            )
+            files.append(_write_verified(model, precision, path, context, fp32_file))
         except VerificationError as error:
             failures.append(str(error))
 
@@ -162,9 +156,7 @@ def export_checkpoint(
         files=tuple(files),
     )
     if failures:
-        error = VerificationError("\n".join(failures))
-        error.report = report
-        raise error
+        raise VerificationError("\n".join(failures), report)
     return report
 
 
@@ -212,26 +204,29 @@ def _write_verified(
     model: onnx.ModelProto,
     precision: str,
     path: Path,
-    trained: TrainedModel,
-    checkpoint_sha256: str,
-    reference: _Reference,
-    fp32_file: ExportedFile | None,
+    context: _ExportContext,
+    fp32_file: ExportedFile | None = None,
 ) -> ExportedFile:
     """Check and verify ``model``, add its metadata and move it to ``path``."""
-    onnx.checker.check_model(model, full_check=True)
-    check_contract(model, trained.dataset)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the {precision} model is invalid ONNX: {error}") from error
+    check_contract(model, context.trained.dataset)
     temporary = _create_temporary_file(path)
     try:
         onnx.save(model, temporary)
         probabilities = onnx_probabilities(
-            create_session(temporary),
-            reference.split.images,
-            reference.batch_size,
-            f"verify {precision}",
+            _load_session(temporary, precision),
+            context.split.images,
+            context.batch_size,
+            f"verify: onnxruntime {precision}",
         )
-        result = _check_result(precision, probabilities, reference)
-        metadata = build_metadata(trained, precision, result, checkpoint_sha256)
-        _add_metadata(model, metadata, temporary, probabilities, reference)
+        result = _check_result(precision, probabilities, context)
+        metadata = build_metadata(
+            context.trained, precision, result, context.checkpoint_sha256
+        )
+        _add_metadata(model, metadata, temporary, probabilities, context)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -256,26 +251,26 @@ def _create_temporary_file(path: Path) -> Path:
     return temporary
 
 
+def _load_session(path: Path, precision: str) -> ort.InferenceSession:
+    try:
+        return create_session(path)
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise ExportError(
+            f"onnxruntime failed to load the {precision} model: {error}"
+        ) from error
+
+
 def _check_result(
-    precision: str, probabilities: np.ndarray, reference: _Reference
+    precision: str, probabilities: np.ndarray, context: _ExportContext
 ) -> VerificationResult:
-    labels = reference.split.labels.numpy()
-    result = compare(precision, probabilities, reference.probabilities, labels)
-    logger.info(
-        "%s: accuracy %.2f%% (PyTorch %.2f%%), max |dp| %.2e, "
-        "top-class mismatches %d of %d",
-        precision,
-        100 * result.accuracy,
-        100 * result.torch_accuracy,
-        result.max_abs_diff,
-        result.argmax_mismatches,
-        result.images,
-    )
+    labels = context.split.labels.numpy()
+    result = compare(precision, probabilities, context.probabilities, labels)
+    logger.info("%s on %d test images: %s", precision, result.images, result.describe())
     failures = result.failures()
     if failures:
         raise VerificationError(
             f"{precision} export failed verification on {result.images} test "
-            f"images: {'; '.join(failures)}"
+            f"images: {'; '.join(failures)}. Measured: {result.describe()}"
         )
     return result
 
@@ -310,7 +305,7 @@ def _add_metadata(
     metadata: ModelMetadata,
     temporary: Path,
     verified: np.ndarray,
-    reference: _Reference,
+    context: _ExportContext,
 ) -> None:
     """Rewrite the verified file with its metadata and check the result.
 
@@ -327,7 +322,7 @@ def _add_metadata(
         raise ExportError(
             f"metadata read back from {temporary} differs from the metadata written"
         )
-    first_batch = reference.split.images[: reference.batch_size]
+    first_batch = context.split.images[: context.batch_size]
     outputs = onnx_probabilities(create_session(temporary), first_batch)
     if not np.array_equal(outputs, verified[: len(first_batch)]):
         raise ExportError(

@@ -59,6 +59,15 @@ class VerificationResult:
     def accuracy_gap(self) -> float:
         return abs(self.accuracy - self.torch_accuracy)
 
+    def describe(self) -> str:
+        """Format the measured numbers as one line."""
+        return (
+            f"accuracy {100 * self.accuracy:.2f}% "
+            f"(PyTorch {100 * self.torch_accuracy:.2f}%), "
+            f"max |dp| {self.max_abs_diff:.3g}, mean |dp| {self.mean_abs_diff:.3g}, "
+            f"top-class mismatches {self.argmax_mismatches}"
+        )
+
     def failures(self) -> list[str]:
         """Return one message per bound that the result violates."""
         bound = self.tolerance
@@ -94,8 +103,12 @@ def torch_probabilities(
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> np.ndarray:
     """Return probabilities (N, num_classes) of the deterministic PyTorch path."""
-    logits = predict_logits(model, images, dataset, batch_size=batch_size)
-    return torch.softmax(logits, dim=1).numpy()
+    starts = range(0, images.shape[0], batch_size)
+    logits = [
+        predict_logits(model, images[start : start + batch_size], dataset, batch_size)
+        for start in tqdm(starts, desc="verify: PyTorch", unit="batch", leave=False)
+    ]
+    return torch.softmax(torch.cat(logits), dim=1).numpy()
 
 
 def create_session(path: str | os.PathLike) -> ort.InferenceSession:

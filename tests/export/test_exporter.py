@@ -116,9 +116,11 @@ def test_failed_variant_keeps_verified_fp32(
     assert onnx.load(output).graph.input[0].name == "image"
 
 
-def test_invalid_variant_is_rejected(tiny_mnist_checkpoint, tmp_path):
+def test_invalid_variant_is_rejected_first(tmp_path):
+    missing = tmp_path / "missing.pt"
+
     with pytest.raises(export.ExportError, match="invalid variant 'bf16'"):
-        export_checkpoint(tiny_mnist_checkpoint, tmp_path / "m.onnx", variants=["bf16"])
+        export_checkpoint(missing, tmp_path / "model.onnx", variants=["bf16"])
 
 
 def test_variant_path_inserts_precision(tmp_path):
