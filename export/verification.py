@@ -34,6 +34,8 @@ class Tolerance:
 # fp32 must match PyTorch up to float rounding. The fp16 and int8 variants
 # change the weights, so their bounds are looser and a near-tie may flip their
 # top class. Their accuracy must stay within 0.2 and 1 percentage points.
+# NOTE: the bounds were checked against measurements on MNIST only (T = 10,
+# full test split: max differences 4.8e-7, 8.9e-4 and 1.9e-2), not on CIFAR.
 TOLERANCES = {
     "fp32": Tolerance(max_abs_diff=1e-4, max_accuracy_gap=0.0005, same_argmax=True),
     "fp16": Tolerance(max_abs_diff=1e-2, max_accuracy_gap=0.002, same_argmax=False),
