@@ -12,7 +12,7 @@ import torch
 import export.exporter
 import export.verification
 from export import ExportReport, export_checkpoint
-from training.data import load_dataset
+from training.data import DatasetInfo, load_dataset
 
 # Enough images for a meaningful accuracy comparison at test speed.
 VERIFY_IMAGES = 200
@@ -50,6 +50,13 @@ def mnist_test_images(data_root: Path) -> torch.Tensor:
     """The first 64 MNIST test images, uint8 (64, 1, 28, 28)."""
     split, _ = load_dataset("mnist", data_root, train=False)
     return split.images[:64]
+
+
+@pytest.fixture(scope="session")
+def cifar10_test_images(data_root: Path) -> tuple[torch.Tensor, DatasetInfo]:
+    """The first 16 CIFAR-10 test images, uint8 (16, 3, 32, 32), and their info."""
+    split, info = load_dataset("cifar10", data_root, train=False)
+    return split.images[:16], info
 
 
 @pytest.fixture(scope="session")

@@ -57,8 +57,8 @@ def test_graph_unrolls_every_block(fp32_model, tiny_mnist_checkpoint):
     num_steps = load_trained_model(tiny_mnist_checkpoint).model.config.num_steps
     types = op_types(fp32_model)
 
-    # Each block has three convolutions, and each step one softmax for u_hat;
-    # the last softmax gives the output probabilities.
+    # Each block has three convolutions, and each step has one softmax for
+    # u_hat. The last softmax gives the output probabilities.
     assert types.count("Conv") == 3 * num_steps
     assert types.count("Softmax") == num_steps + 1
 
@@ -96,42 +96,61 @@ def test_dynamic_batch_matches_pytorch(
     assert np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
 
 
-def sharpen(model: NoPropNet) -> None:
-    """Give a fresh model confident outputs, so that graph errors show in them.
+def make_image_sensitive(model: NoPropNet, x: torch.Tensor) -> None:
+    """Give a fresh model outputs that vary strongly from image to image.
 
-    A new model has a zero classifier and identity batch norms, which makes
-    every probability row uniform.
+    A new model has a zero classifier and batch norms with default statistics,
+    so its outputs are near uniform. Here the last layer of each block and the
+    classifier get random weights, and every batch norm takes its statistics
+    from ``x`` (normalized images), so that an error in the graph shows.
     """
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
+        for block in model.blocks:
+            block.head[-1].weight.normal_(0.0, 0.5, generator=generator)
+        model.classifier.weight.normal_(0.0, 0.03, generator=generator)
         for module in model.modules():
             if isinstance(module, nn.BatchNorm1d):
-                module.running_mean.normal_(0.0, 0.5, generator=generator)
-                module.running_var.uniform_(0.5, 2.0, generator=generator)
-        model.classifier.weight.normal_(0.0, 3.0, generator=generator)
+                module.reset_running_stats()
+                module.momentum = None  # a plain average over the batches seen
+        model.train()
+        model(x, deterministic=True)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                # A feature that is nearly constant on the images would turn
+                # float rounding into large differences.
+                module.running_var.clamp_(min=0.01)
+    model.eval()
 
 
-def test_backprop_prototype_graph_matches_pytorch(mnist_test_images):
+def test_backprop_prototype_rgb_graph_matches_pytorch(cifar10_test_images):
+    images, info = cifar10_test_images
     config = ModelConfig(
-        image_shape=(1, 28, 28),
-        num_classes=10,
+        image_shape=info.image_shape,
+        num_classes=len(info.class_names),
         variant="backprop",
         num_steps=2,
         embedding="prototype",
+        dropout=0.0,
     )
-    info = MNIST_INFO
-    model = NoPropNet(config).eval()
-    images = mnist_test_images[:16]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = NoPropNet(config)
+    x = normalize(images, info)
     with torch.no_grad():
-        model.embedding.weight.copy_(normalize(images[:10], info).flatten(1))
-    sharpen(model)
+        model.embedding.weight.copy_(x[:10].flatten(1))
+    make_image_sensitive(model, x)
 
     onnx_model = build_onnx_model(model, info)
     check_contract(onnx_model, info)
     probabilities = run_onnx(onnx_model, images)
     expected = run_torch(model, info, images)
+    reversed_channels = run_torch(model, info, images.flip(1))
 
-    assert expected.max() > 0.5  # confident enough for the comparison to matter
+    # The model must tell RGB from BGR for this test to catch a wrong channel
+    # order in the graph.
+    assert np.abs(reversed_channels - expected).max() > 0.05
+    assert len(set(expected.argmax(1))) > 1
     assert np.abs(probabilities - expected).max() < 1e-4
     assert (probabilities.argmax(1) == expected.argmax(1)).all()
 
