@@ -188,6 +188,15 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self.scheduler.load_state_dict(checkpoint["scheduler_state"])
+        # The saved optimizer holds the last epoch's rate; a raised --epochs changes it.
+        epoch = self.scheduler.last_epoch
+        for group, base_lr, factor in zip(
+            self.optimizer.param_groups,
+            self.scheduler.base_lrs,
+            self.scheduler.lr_lambdas,
+            strict=True,
+        ):
+            group["lr"] = base_lr * factor(epoch)
         self.epoch = checkpoint["epoch"]
         self.log.history = list(checkpoint["history"])
         torch.set_rng_state(checkpoint["rng_state"])
