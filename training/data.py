@@ -30,7 +30,7 @@ class DatasetError(Exception):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a trained model needs to know about its data; stored in checkpoints."""
+    """Description of a dataset that a trained model needs, stored in checkpoints."""
 
     name: str
     class_names: tuple[str, ...]

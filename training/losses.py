@@ -80,7 +80,7 @@ def noprop_dt_step(
     """Compute the NoProp-DT loss and its gradients, one block at a time.
 
     Each block's loss is back-propagated on its own before the next block runs,
-    so only one block's activations are alive at once; that is where NoProp's
+    so only one block's activations are alive at once. That is where NoProp's
     memory saving over back-propagation comes from.
     """
     weighted, block_mse = [], []

@@ -245,7 +245,7 @@ class NoPropNet(nn.Module):
         """Return class logits (B, num_classes) for normalized images (B, C, H, W).
 
         deterministic=True starts from z_0 = 0 and adds no noise, so the same
-        image always gets the same answer; False samples z_0 and every eps.
+        image always gets the same logits. False samples z_0 and every eps.
         """
         z = self.initial_z(x, deterministic)
         for t in range(1, self.config.num_steps + 1):

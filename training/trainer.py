@@ -188,7 +188,8 @@ class Trainer:
         self.model.load_state_dict(checkpoint["model_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         self.scheduler.load_state_dict(checkpoint["scheduler_state"])
-        # The saved optimizer holds the last epoch's rate; a raised --epochs changes it.
+        # The saved optimizer contains the last epoch's rate. A raised --epochs
+        # changes it.
         epoch = self.scheduler.last_epoch
         for group, base_lr, factor in zip(
             self.optimizer.param_groups,
