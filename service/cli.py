@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_config=None,  # use the logging set up above
         log_level=settings.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     DrainingServer(config, app.state.service).run()

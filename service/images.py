@@ -41,9 +41,24 @@ def decode_image(
     images become RGB for a 3-channel one. Transparent pixels are composited
     over black, the background of MNIST digits. Raises ImageError.
     """
+    return convert_image(open_image(data, max_pixels), input_shape)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the image's header and check its size, without decoding the pixels.
+
+    Raises ImageError.
+    """
     if not data:
         raise ImageError("the image is empty (0 bytes)")
-    image = _open(data, max_pixels)
+    return _open(data, max_pixels)
+
+
+def convert_image(image: Image.Image, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """Decode an image from open_image into uint8 (height, width, channels).
+
+    This is decode_image's expensive half. Raises ImageError.
+    """
     height, width, channels = input_shape
     target_mode = "L" if channels == 1 else "RGB"
 

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
         description="CPU threads that onnxruntime uses inside one operator "
         "(0: onnxruntime's default, one per physical core)",
     )
+    intra_op_allow_spinning: bool = Field(
+        False,
+        description="let onnxruntime's intra-op threads spin while they wait for "
+        "work. Batches finish sooner on an idle machine, but the spinning takes "
+        "CPU from request handling on the same cores",
+    )
     host: str = Field("127.0.0.1", min_length=1, description="address to bind")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to bind")
     drain_delay_s: float = Field(
@@ -105,6 +111,11 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="log level of the service and of uvicorn"
+    )
+    access_log: bool = Field(
+        False,
+        description="log one line per HTTP request (uvicorn's access log). "
+        "/metrics counts requests by route and status either way",
     )
 
     @field_validator("model_path")

@@ -83,6 +83,7 @@ class ServiceState:
             settings.resolved_model_name,
             settings.execution_providers,
             settings.intra_op_num_threads,
+            settings.intra_op_allow_spinning,
         )
         info = model.info
         logger.info(

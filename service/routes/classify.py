@@ -9,6 +9,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from service.batcher import (
@@ -19,7 +20,7 @@ from service.batcher import (
     QueueFullError,
 )
 from service.errors import CLIENT_CLOSED_REQUEST, ServiceError, request_id_of
-from service.images import ImageError, decode_image
+from service.images import ImageError, convert_image, open_image
 from service.inputs import Upload, read_uploads
 from service.model import ModelInfo
 from service.routes import StateDep
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["classify"])
 
 DEFAULT_TOP_K = 5
+# Requests with at most this many pixels in all their images are decoded on
+# the event loop. That is 5 MNIST digits, about 0.15 ms each to decode on a
+# 2-core AMD EPYC VM.
+INLINE_DECODE_MAX_PIXELS = 4096
 RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp")
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 REQUEST_BODY = {
@@ -116,9 +121,13 @@ async def classify(
         k = _resolve_top_k(top_k, info.num_classes)
 
         uploads = await read_uploads(request, settings.max_images_per_request)
-        images = await run_in_threadpool(
-            _decode_all, uploads, info.input_shape, settings.max_image_pixels
-        )
+        opened = _open_all(uploads, settings.max_image_pixels)
+        pixels = sum(image.width * image.height for image in opened)
+        if pixels <= INLINE_DECODE_MAX_PIXELS:
+            # Handing small images to a thread costs more CPU than decoding them.
+            images = _convert_all(opened, info.input_shape)
+        else:
+            images = await run_in_threadpool(_convert_all, opened, info.input_shape)
         rows = await _wait_for_rows(batcher, images, request, deadline)
         return _build_response(info, request_id, uploads, rows, k)
 
@@ -135,18 +144,31 @@ def _resolve_top_k(top_k: int | None, num_classes: int) -> int:
     return top_k
 
 
-def _decode_all(
-    uploads: list[Upload], input_shape: tuple[int, int, int], max_pixels: int
-) -> list[np.ndarray]:
+def _open_all(uploads: list[Upload], max_pixels: int) -> list[Image.Image]:
+    """Read every image's header. Raise ServiceError naming the first invalid one."""
     images = []
     for index, upload in enumerate(uploads):
         try:
-            images.append(decode_image(upload.data, input_shape, max_pixels))
+            images.append(open_image(upload.data, max_pixels))
         except ImageError as error:
-            raise ServiceError(
-                error.status_code, error.code, f"image {index}: {error}"
-            ) from error
+            raise _image_error(index, error) from error
     return images
+
+
+def _convert_all(
+    images: list[Image.Image], input_shape: tuple[int, int, int]
+) -> list[np.ndarray]:
+    arrays = []
+    for index, image in enumerate(images):
+        try:
+            arrays.append(convert_image(image, input_shape))
+        except ImageError as error:
+            raise _image_error(index, error) from error
+    return arrays
+
+
+def _image_error(index: int, error: ImageError) -> ServiceError:
+    return ServiceError(error.status_code, error.code, f"image {index}: {error}")
 
 
 async def _wait_for_rows(

@@ -12,8 +12,10 @@ from PIL import Image
 from service.images import (
     ImageError,
     ImageTooLargeError,
+    convert_image,
     decode_image,
     describe_error,
+    open_image,
 )
 from tests.service.conftest import example_digits
 
@@ -147,6 +149,19 @@ def test_decode_rejects_truncated_png():
     with pytest.raises(ImageError, match="truncated or corrupt") as caught:
         decode_image(data[: len(data) // 2], MNIST_SHAPE, MAX_PIXELS)
     assert caught.value.status_code == 400
+
+
+def test_open_image_reads_header_only():
+    data = encode(Image.new("L", (200, 100), 7), "PNG", compress_level=0)
+    image = open_image(data[: len(data) // 2], MAX_PIXELS)
+    assert image.size == (200, 100)
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        convert_image(image, MNIST_SHAPE)
+
+
+def test_open_image_rejects_empty_data():
+    with pytest.raises(ImageError, match="empty"):
+        open_image(b"", MAX_PIXELS)
 
 
 def test_decode_rejects_too_many_pixels():

@@ -73,6 +73,15 @@ def test_session_reads_valid_model(tmp_path):
     assert probabilities.sum() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("allow_spinning, entry", [(True, "1"), (False, "0")])
+def test_session_sets_thread_spinning(tmp_path, allow_spinning, entry):
+    path = write_model(tmp_path / "model.onnx")
+    session = ModelSession(path, "test", CPU, 1, allow_spinning)
+    options = session._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+    assert options.intra_op_num_threads == 1
+
+
 def test_session_warm_up_runs(tmp_path):
     session = ModelSession(write_model(tmp_path / "model.onnx"), "test", CPU)
     assert session.warm_up(3) >= 0

@@ -33,12 +33,16 @@ def test_settings_read_environment(monkeypatch, model_file):
     monkeypatch.setenv("NOPROP_MAX_QUEUE_DELAY_MS", "2.5")
     monkeypatch.setenv("NOPROP_EXECUTION_PROVIDERS", " CPUExecutionProvider ,")
     monkeypatch.setenv("NOPROP_PORT", "9001")
+    monkeypatch.setenv("NOPROP_INTRA_OP_ALLOW_SPINNING", "true")
+    monkeypatch.setenv("NOPROP_ACCESS_LOG", "1")
     settings = Settings()
     assert settings.model_path == model_file
     assert settings.max_batch_size == 7
     assert settings.max_queue_delay_ms == 2.5
     assert settings.execution_providers == ["CPUExecutionProvider"]
     assert settings.port == 9001
+    assert settings.intra_op_allow_spinning is True
+    assert settings.access_log is True
 
 
 def test_settings_defaults(model_file):
@@ -50,6 +54,8 @@ def test_settings_defaults(model_file):
     assert settings.host == "127.0.0.1"
     assert settings.port == 8000
     assert settings.require_cuda is False
+    assert settings.intra_op_allow_spinning is False
+    assert settings.access_log is False
 
 
 def test_settings_model_name_from_path(model_file, tmp_path):
