@@ -1,6 +1,7 @@
 """Container health check: exit 0 when the service's /readyz returns 200.
 
-It runs inside the container, so it asks the loopback address on NOPROP_PORT.
+It runs inside the container, so it requests the loopback address on
+NOPROP_PORT.
 """
 
 import os

@@ -21,7 +21,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin noprop \
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin noprop \
     && mkdir /reports && chown noprop /reports
 
 COPY pyproject.toml README.md /tmp/src/

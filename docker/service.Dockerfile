@@ -23,7 +23,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin noprop
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin noprop
 
 # The default model. Other models come from the /models volume, selected with
 # NOPROP_MODEL_PATH.

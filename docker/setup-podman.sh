@@ -41,6 +41,6 @@ if ! podman image exists "$BASE_IMAGE"; then
     rootfs=$(mktemp -d)
     trap 'rm -rf "$rootfs"' EXIT
     debootstrap --variant=minbase "$DEBIAN_SUITE" "$rootfs" >/dev/null
-    tar -C "$rootfs" -c . | podman import - "$BASE_IMAGE" >/dev/null
+    tar -C "$rootfs" -c . | podman import --quiet - "$BASE_IMAGE" >/dev/null
 fi
 podman --version

@@ -25,7 +25,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin noprop \
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin noprop \
     && mkdir /data /models /runs \
     && chown noprop /models /runs
 

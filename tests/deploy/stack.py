@@ -149,6 +149,7 @@ class ComposeStack:
         self.images = {
             service: f"localhost/noprop-{service}:{self.tag}" for service in SERVICES
         }
+
         build_args, volume_options = host_pip_build_options()
         self.env = {
             **os.environ,
