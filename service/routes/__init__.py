@@ -7,7 +7,9 @@ from fastapi import Depends, Request
 from service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    # async, because FastAPI runs a plain def dependency in its thread pool,
+    # which costs a thread hand-off on every request.
     return request.app.state.service
 
 
