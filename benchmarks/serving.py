@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll
     args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = Results(
