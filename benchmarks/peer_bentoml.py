@@ -6,7 +6,8 @@ benchmarks/serving.py starts it in the peer venv (the ``peer`` extra):
         .venv-peer/bin/bentoml serve benchmarks.peer_bentoml:NoPropClassifier \\
         --host 127.0.0.1 --port 3000
 
-It follows BentoML's adaptive batching guide (BentoML 1.4): one batchable
+It follows BentoML's adaptive batching guide (docs/source/get-started/
+adaptive-batching.rst in BentoML's repository, for BentoML 1.4): one batchable
 endpoint whose only parameter is the list of inputs, with ``max_batch_size``
 and ``max_latency_ms`` set on ``@bentoml.api``, in one worker process. The
 inputs are image files in the multipart field ``images``, the same bodies the

@@ -284,8 +284,11 @@ def measure_limit(results: Results, args: argparse.Namespace) -> None:
     )
 
 
-def images_per_second(run: Callable[[], object], batch_size: int, seconds: float):
-    run()  # warm-up
+def images_per_second(
+    run: Callable[[], object], batch_size: int, seconds: float
+) -> float:
+    """Return the images per second of ``run``, timed for at least ``seconds``."""
+    run()
     calls = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:

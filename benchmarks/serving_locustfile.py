@@ -33,10 +33,24 @@ REQUESTS: list[ClassifyRequest] = []
 @events.init_command_line_parser.add_listener
 def add_arguments(parser) -> None:
     group = parser.add_argument_group("serving benchmark")
-    group.add_argument("--api", choices=sorted(PATHS), default="noprop")
-    group.add_argument("--data-root", default="", help="datasets folder")
-    group.add_argument("--request-rate", type=float, default=0.0)
-    group.add_argument("--summary-file", default="")
+    group.add_argument(
+        "--api",
+        choices=sorted(PATHS),
+        default="noprop",
+        help="response check: the service's /classify schema or BentoML's list",
+    )
+    group.add_argument(
+        "--data-root",
+        default="",
+        help="datasets folder with MNIST/raw/ (default: the example digits)",
+    )
+    group.add_argument(
+        "--request-rate",
+        type=float,
+        default=0.0,
+        help="requests per second from all users together (0: closed loop)",
+    )
+    group.add_argument("--summary-file", default="", help="JSON summary to write")
     group.add_argument(
         "--max-requests",
         type=int,
