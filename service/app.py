@@ -63,7 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_exception_handlers(app)
 
     # The last middleware added runs first: request ids wrap the size limit.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app
 

@@ -7,6 +7,7 @@ which would wrap ``receive`` and hide client disconnects from the routes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -95,17 +96,29 @@ class BodyTooLargeError(ServiceError):
         )
 
 
+class BodyTimeoutError(ServiceError):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout_s:g} s",
+        )
+
+
 class BodySizeLimitMiddleware:
-    """Reject request bodies over ``max_bytes`` with 413.
+    """Reject request bodies over ``max_bytes`` with 413, and slow ones with 408.
 
     A Content-Length over the limit gets 413 before the body is read. A
     body without Content-Length (chunked) is counted as it arrives, and the
-    route reading it gets BodyTooLargeError once it passes the limit.
+    route reading it gets BodyTooLargeError once it passes the limit. A body
+    that is still incomplete ``timeout_s`` after the request started gets
+    BodyTimeoutError, so that stalled uploads cannot hold connections open.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,14 +135,24 @@ class BodySizeLimitMiddleware:
             return
 
         received = 0
+        body_complete = False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_complete
+            if body_complete:
+                # Only a disconnect can follow, which a route may wait for.
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeoutError(self.timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise BodyTooLargeError(self.max_bytes)
+                body_complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         ge=1,
         description="maximum request body size in bytes; larger bodies get 413",
     )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="maximum time in seconds to receive a request body; slower "
+        "uploads get 408",
+    )
     max_images_per_request: int = Field(
         64, ge=1, description="maximum number of images in one request"
     )
