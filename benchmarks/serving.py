@@ -465,6 +465,10 @@ def run_locust(
             check=False,
         )
     generator_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if running.process.poll() is not None:
+        raise RuntimeError(
+            f"{running.server.name} exited during the run; see {running.log_path}"
+        )
     server_after = process_cpu_seconds(running.process.pid)
 
     summary = Summary.from_file(summary_path)
@@ -473,7 +477,8 @@ def run_locust(
     # request; dividing by the requests' span overstates the cores a little.
     span = max(summary.duration_s, 1e-9)
     level.server_cores = (server_after[0] - server_before[0]) / span
-    level.event_loop_cores = (server_after[1] - server_before[1]) / span
+    if running.server.api == "noprop":  # BentoML's main process only supervises
+        level.event_loop_cores = (server_after[1] - server_before[1]) / span
     generator = (generator_after.ru_utime + generator_after.ru_stime) - (
         generator_before.ru_utime + generator_before.ru_stime
     )
@@ -482,13 +487,15 @@ def run_locust(
 
 
 def process_cpu_seconds(pid: int) -> tuple[float, float]:
-    """Return the CPU seconds of a process group's processes and of its main thread.
+    """Return the CPU seconds of a process tree and of its root's main thread.
 
-    The first figure adds up every process in ``pid``'s process group (BentoML
-    runs its workers in child processes); the second is ``pid``'s main thread.
+    The first figure adds up ``pid`` and its descendants that are still
+    running (BentoML runs its workers in child processes); the second is
+    ``pid``'s main thread.
     """
     ticks = os.sysconf("SC_CLK_TCK")
-    group_total = 0.0
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -496,11 +503,19 @@ def process_cpu_seconds(pid: int) -> tuple[float, float]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the process ended meanwhile
-        if int(fields[2]) == pid:  # the process group id
-            group_total += (int(fields[11]) + int(fields[12])) / ticks
-    main_fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1]
-    main = main_fields.split()
-    return group_total, (int(main[11]) + int(main[12])) / ticks
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
+
+    tree = {pid}
+    for candidate in parents:
+        ancestor = candidate
+        while ancestor > 1 and ancestor not in tree:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor in tree:
+            tree.add(candidate)
+    main = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    main_seconds = (int(main[11]) + int(main[12])) / ticks
+    return sum(cpu.get(member, 0.0) for member in tree), main_seconds
 
 
 def record_profile(running: RunningServer, args: argparse.Namespace) -> str | None:
