@@ -14,11 +14,12 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.settings import Settings, describe_settings, format_validation_error
-from service.state import ServiceState
+from service.state import Phase, ServiceState
 
 logger = logging.getLogger(__name__)
 
 EXIT_INVALID_SETTINGS = 2
+EXIT_MODEL_FAILED = 3
 
 
 class DrainingServer(uvicorn.Server):
@@ -28,6 +29,9 @@ class DrainingServer(uvicorn.Server):
     classifications continue for NOPROP_DRAIN_DELAY_S, and the requests in
     flight complete. Only then does uvicorn's own shutdown start. A second
     signal skips the rest of the drain.
+
+    When the model fails to load or warm up, the server exits rather than
+    stay alive without ever becoming ready, and ``model_failed`` is set.
     """
 
     def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
@@ -36,10 +40,18 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_requested = False
         self._drain: asyncio.Task | None = None
+        self.model_failed = False
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._state.phase is Phase.FAILED and not self.model_failed:
+            self.model_failed = True
+            logger.error("shutting down, because the model cannot be served")
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._loop is None or self._drain_requested or self.should_exit:
@@ -93,5 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
-    DrainingServer(config, app.state.service).run()
+    state = app.state.service
+    server = DrainingServer(config, state)
+    server.run()
+    if server.model_failed:
+        print(
+            f"error: cannot serve {settings.model_path}: {state.detail}",
+            file=sys.stderr,
+        )
+        return EXIT_MODEL_FAILED
     return 0

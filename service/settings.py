@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     )
     require_cuda: bool = Field(
         False,
-        description="keep /readyz at 503 unless the CUDA execution provider is active",
+        description="exit at start-up (status 3) unless the CUDA execution "
+        "provider is active",
     )
     max_batch_size: int = Field(
         32, ge=1, le=1024, description="maximum number of images in one batch"
