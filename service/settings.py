@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import onnxruntime as ort
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "NOPROP_"
 CUDA_PROVIDER = "CUDAExecutionProvider"
+MIN_API_KEY_CHARS = 16
+# Settings whose values error messages must not repeat.
+SECRET_FIELDS = frozenset({"api_key"})
 CPU_PROVIDER = "CPUExecutionProvider"
 
 # The repository's default model. The path is resolved from this file, so it is
@@ -74,6 +77,11 @@ class Settings(BaseSettings):
         ge=1,
         description="maximum request body size in bytes; larger bodies get 413",
     )
+    api_key: SecretStr | None = Field(
+        None,
+        description="API key that /classify requires in the X-API-Key header or "
+        "as a bearer token (at least 16 characters); unset: no authentication",
+    )
     body_timeout_s: float = Field(
         30.0,
         gt=0,
@@ -135,6 +143,22 @@ class Settings(BaseSettings):
             )
         return path
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_api_key_is_unset(cls, value: object) -> object:
+        # Compose files pass NOPROP_API_KEY= when the variable is unset.
+        return None if value == "" else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value()) < MIN_API_KEY_CHARS:
+            raise ValueError(
+                f"the API key has {len(key.get_secret_value())} characters; "
+                f"use at least {MIN_API_KEY_CHARS}"
+            )
+        return key
+
     @field_validator("execution_providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:
@@ -195,6 +219,8 @@ def format_validation_error(error: ValidationError) -> str:
         value = item["input"]
         if isinstance(value, Path):
             value = str(value)
+        if field in SECRET_FIELDS:
+            value = "**********"
         if field:
             lines.append(f"invalid {env_name(field)}={value!r}: {message}")
         else:

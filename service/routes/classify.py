@@ -8,10 +8,11 @@ import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Security
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from service.auth import check_api_key
 from service.batcher import (
     Batcher,
     BatcherClosedError,
@@ -77,6 +78,8 @@ ERROR_RESPONSES = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "invalid request or image",
+        401: "missing or invalid API key, when NOPROP_API_KEY is set",
+        408: "the request body did not arrive within NOPROP_BODY_TIMEOUT_S",
         413: "body, image or image count over its limit",
         415: "unsupported Content-Type",
         422: "invalid query parameter",
@@ -94,6 +97,7 @@ ERROR_RESPONSES = {
     responses=ERROR_RESPONSES,
     openapi_extra=REQUEST_BODY,
     summary="Classify one or more images",
+    dependencies=[Security(check_api_key)],
 )
 async def classify(
     request: Request,
