@@ -86,10 +86,15 @@ def test_container_healthy(stack: ComposeStack) -> None:
             "healthcheck", "run", stack.container("service"), check=False
         )
         user = stack.podman("exec", stack.container("service"), "id", "-u").stdout
+        write_models = stack.podman(
+            "exec", stack.container("service"), "touch", "/models/probe", check=False
+        )
         pid1 = stack.podman(
             "exec", stack.container("service"), "cat", "/proc/1/cmdline"
         ).stdout
     assert check.returncode == 0, f"HEALTHCHECK failed: {check.stdout}{check.stderr}"
+    assert write_models.returncode != 0, "the models volume is writable"
+    assert "Read-only file system" in write_models.stderr, write_models.stderr
     assert user.strip() != "0", "the service runs as root"
     assert "service" in pid1.replace("\0", " "), f"PID 1 is {pid1!r}, not the service"
 
