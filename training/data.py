@@ -1,15 +1,17 @@
 """Image classification datasets, held in memory as uint8 tensors.
 
-MNIST and Fashion-MNIST come through torchvision, which reads the raw IDX files
-under ``ROOT/MNIST/raw`` and ``ROOT/FashionMNIST/raw``. CIFAR-10 and CIFAR-100
-come through torchvision's python version (``cifar-10-batches-py``,
-``cifar-100-python``) or, for offline copies, the official binary version
-(``cifar-10-batches-bin``, ``cifar-100-binary``) read here.
+MNIST and Fashion-MNIST are read here from the raw IDX files under
+``ROOT/MNIST/raw`` and ``ROOT/FashionMNIST/raw``, and torchvision only
+downloads them. CIFAR-10 and CIFAR-100 come through torchvision's python
+version (``cifar-10-batches-py``, ``cifar-100-python``) or, for offline copies,
+the official binary version (``cifar-10-batches-bin``, ``cifar-100-binary``)
+read here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,7 +124,76 @@ FASHION_CLASSES = (
 )
 
 
-def _load_idx(dataset_cls: type, folder: str, root: Path, train: bool, download: bool):
+IDX_UBYTE_TYPE = 0x08  # IDX type code of unsigned bytes
+MNIST_IMAGE_SIZE = (28, 28)
+MNIST_NUM_CLASSES = 10
+
+
+def read_idx_ubyte(path: Path, ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes, checking its magic number and size.
+
+    The header is two zero bytes, the type code 0x08, the number of dimensions,
+    then each dimension as a big-endian uint32.
+    """
+    header_size = 4 + 4 * ndim
+    file_size = path.stat().st_size
+    with path.open("rb") as file:
+        header = file.read(header_size)
+        if len(header) < header_size:
+            raise DatasetError(
+                f"{path} is malformed: {file_size} bytes is shorter than the "
+                f"{header_size}-byte IDX header of a {ndim}-dimensional file"
+            )
+        magic = int.from_bytes(header[:4], "big")
+        expected = IDX_UBYTE_TYPE << 8 | ndim
+        if magic != expected:
+            raise DatasetError(
+                f"{path} has IDX magic number {magic} (0x{magic:08x}); expected "
+                f"{expected} (0x{expected:08x}: unsigned bytes, {ndim} dimension(s))"
+            )
+        shape = tuple(
+            int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in range(1, ndim + 1)
+        )
+        expected_size = header_size + math.prod(shape)
+        if file_size != expected_size:
+            raise DatasetError(
+                f"{path} is malformed: its header declares shape {shape}, which "
+                f"needs {expected_size} bytes, but the file has {file_size}"
+            )
+        return np.fromfile(file, dtype=np.uint8).reshape(shape)
+
+
+def read_mnist_split(raw: Path, train: bool, num_classes: int) -> ImageSplit:
+    """Read one split of MNIST-format IDX files, checking sizes and labels."""
+    prefix = "train" if train else "t10k"
+    images_path = raw / f"{prefix}-images-idx3-ubyte"
+    labels_path = raw / f"{prefix}-labels-idx1-ubyte"
+    images = read_idx_ubyte(images_path, ndim=3)  # (N, H, W)
+    labels = read_idx_ubyte(labels_path, ndim=1)  # (N,)
+
+    if images.shape[1:] != MNIST_IMAGE_SIZE:
+        raise DatasetError(
+            f"{images_path} contains images of {images.shape[1]}x{images.shape[2]} "
+            f"pixels; expected {MNIST_IMAGE_SIZE[0]}x{MNIST_IMAGE_SIZE[1]}"
+        )
+    if len(labels) != len(images):
+        raise DatasetError(
+            f"{labels_path} has {len(labels)} labels but {images_path} has "
+            f"{len(images)} images; each image needs exactly one label"
+        )
+    out_of_range = np.flatnonzero(labels >= num_classes)
+    if out_of_range.size:
+        index = int(out_of_range[0])
+        raise DatasetError(
+            f"{labels_path} has {out_of_range.size} label(s) outside "
+            f"0..{num_classes - 1}, the first {labels[index]} at index {index}"
+        )
+    images_tensor = torch.from_numpy(images).unsqueeze(1)  # (N, 1, H, W)
+    return ImageSplit(images_tensor, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _load_idx(folder: str, root: Path, train: bool, download: bool) -> ImageSplit:
+    """Read MNIST or FashionMNIST (``folder`` is also torchvision's class name)."""
     raw = root / folder / "raw"
     missing = [name for name in IDX_FILES if not (raw / name).is_file()]
     if missing and not download:
@@ -131,20 +202,22 @@ def _load_idx(dataset_cls: type, folder: str, root: Path, train: bool, download:
             f"(expected the uncompressed IDX files {', '.join(IDX_FILES)}); "
             "pass --download to fetch it"
         )
-    try:
-        dataset = dataset_cls(str(root), train=train, download=download)
-    except Exception as error:  # torchvision raises many kinds on bad files
-        raise DatasetError(f"could not read {folder} from {raw}: {error}") from error
-    images = dataset.data.unsqueeze(1).contiguous()  # (N, 28, 28) -> (N, 1, 28, 28)
-    return ImageSplit(images, dataset.targets.long())
+    if missing:
+        import torchvision.datasets
+
+        try:
+            getattr(torchvision.datasets, folder)(str(root), train, download=True)
+        except Exception as error:  # torchvision raises many kinds on failed fetches
+            raise DatasetError(
+                f"could not download {folder} to {raw}: {error}"
+            ) from error
+    return read_mnist_split(raw, train, MNIST_NUM_CLASSES)
 
 
 def load_mnist(
     root: Path, train: bool, download: bool
 ) -> tuple[ImageSplit, DatasetInfo]:
-    from torchvision.datasets import MNIST
-
-    split = _load_idx(MNIST, "MNIST", root, train, download)
+    split = _load_idx("MNIST", root, train, download)
     names = tuple(str(digit) for digit in range(10))
     return split, DatasetInfo("mnist", names, (1, 28, 28), (0.1307,), (0.3081,))
 
@@ -152,9 +225,7 @@ def load_mnist(
 def load_fashion_mnist(
     root: Path, train: bool, download: bool
 ) -> tuple[ImageSplit, DatasetInfo]:
-    from torchvision.datasets import FashionMNIST
-
-    split = _load_idx(FashionMNIST, "FashionMNIST", root, train, download)
+    split = _load_idx("FashionMNIST", root, train, download)
     info = DatasetInfo(
         "fashion-mnist", FASHION_CLASSES, (1, 28, 28), (0.2860,), (0.3530,)
     )
@@ -321,15 +392,25 @@ def load_dataset(
 
 
 def validate_split(split: ImageSplit, info: DatasetInfo) -> None:
-    """Reject data whose shapes or labels do not match the dataset's description."""
-    if tuple(split.images.shape[1:]) != info.image_shape:
+    """Reject data whose shapes, counts or labels do not match the description."""
+    if split.images.ndim != 4 or tuple(split.images.shape[1:]) != info.image_shape:
         raise DatasetError(
-            f"{info.name} images have shape {tuple(split.images.shape[1:])}; "
-            f"expected {info.image_shape}"
+            f"{info.name} images have shape {tuple(split.images.shape)}; "
+            f"expected (N, {', '.join(map(str, info.image_shape))})"
         )
     if split.images.dtype != torch.uint8:
         raise DatasetError(
             f"{info.name} images are {split.images.dtype}; expected uint8"
+        )
+    if split.labels.ndim != 1 or split.labels.dtype != torch.int64:
+        raise DatasetError(
+            f"{info.name} labels are {split.labels.dtype} of shape "
+            f"{tuple(split.labels.shape)}; expected int64 of shape (N,)"
+        )
+    if split.images.shape[0] != len(split):
+        raise DatasetError(
+            f"{info.name} has {split.images.shape[0]} images but {len(split)} "
+            "labels; each image needs exactly one label"
         )
     if len(split) == 0:
         raise DatasetError(f"{info.name} has no examples")

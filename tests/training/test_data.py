@@ -99,7 +99,11 @@ def test_truncated_mnist_is_rejected(data_root, tmp_path):
     truncated = raw / "t10k-images-idx3-ubyte"
     truncated.write_bytes(truncated.read_bytes()[:5000])
 
-    with pytest.raises(DatasetError, match="could not read MNIST"):
+    with pytest.raises(
+        DatasetError,
+        match=r"t10k-images-idx3-ubyte is malformed: its header declares shape "
+        r"\(10000, 28, 28\), which needs 7840016 bytes, but the file has 5000",
+    ):
         load_dataset("mnist", tmp_path, train=False)
 
 
