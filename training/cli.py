@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument(
         "--epochs",
         type=int,
-        default=DEFAULTS.epochs,
-        help="passes over the training set (with --resume: the new total)",
+        default=argparse.SUPPRESS,
+        help=f"passes over the training set (default: {DEFAULTS.epochs}). With "
+        "--resume: the new total, and without it the checkpoint's total",
     )
     optim.add_argument(
         "--batch-size",
@@ -162,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         embedding=args.embedding,
         embedding_dim=args.embedding_dim,
         num_steps=args.steps,
-        epochs=args.epochs,
+        epochs=getattr(args, "epochs", DEFAULTS.epochs),
         batch_size=args.batch_size,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
@@ -190,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             trainer = Trainer.from_checkpoint(
-                args.resume, args.output_dir, args.data_root, args.download, args.epochs
+                args.resume,
+                args.output_dir,
+                args.data_root,
+                args.download,
+                getattr(args, "epochs", None),
             )
         else:
             output_dir = args.output_dir or "runs/noprop"
