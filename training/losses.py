@@ -22,6 +22,7 @@ class LossTerms:
     cross_entropy: torch.Tensor
     kl: torch.Tensor
     block_mse: torch.Tensor  # (T,), unweighted ||u_hat_t - u_y||^2, batch mean
+    block_loss: torch.Tensor  # (T,), eta / 2 * dSNR_t * block_mse, as in total
 
 
 def sample_z(alpha_bar: torch.Tensor, u_y: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,11 @@ def noprop_dt_step(
         block_mse.append(mse)
     cross_entropy, kl = head_loss(model, labels)
     (cross_entropy + kl).backward()
-    total = torch.stack(weighted).sum() + cross_entropy.detach() + kl.detach()
-    return LossTerms(total, cross_entropy.detach(), kl.detach(), torch.stack(block_mse))
+    block_loss = torch.stack(weighted)  # (T,)
+    total = block_loss.sum() + cross_entropy.detach() + kl.detach()
+    return LossTerms(
+        total, cross_entropy.detach(), kl.detach(), torch.stack(block_mse), block_loss
+    )
 
 
 def backprop_step(model: NoPropNet, x: torch.Tensor, labels: torch.Tensor) -> LossTerms:
@@ -101,7 +105,9 @@ def backprop_step(model: NoPropNet, x: torch.Tensor, labels: torch.Tensor) -> Lo
     cross_entropy.backward()
     zero = cross_entropy.new_zeros(())
     block_mse = cross_entropy.new_zeros(model.config.num_steps)
-    return LossTerms(cross_entropy.detach(), cross_entropy.detach(), zero, block_mse)
+    return LossTerms(
+        cross_entropy.detach(), cross_entropy.detach(), zero, block_mse, block_mse
+    )
 
 
 def loss_and_gradients(

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import DatasetInfo, load_dataset, normalize
 from training.evaluation import accuracy
+from training.finite import nonfinite_gradients, nonfinite_losses
 from training.losses import DEFAULT_ETA, LossTerms, loss_and_gradients
 from training.model import ModelConfig, NoPropNet
 from training.progress import TrainingLog
@@ -287,20 +288,36 @@ class Trainer:
         self.optimizer.step()
         return terms
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_split) / self.config.batch_size)
+
     def check_finite(self, terms: LossTerms, step: int) -> None:
-        if math.isfinite(terms.total.item()):
-            return
-        bad_blocks = [
-            str(t + 1)
-            for t, value in enumerate(terms.block_mse.tolist())
-            if not math.isfinite(value)
-        ]
-        where = (
-            f"block(s) {', '.join(bad_blocks)}" if bad_blocks else "the classifier head"
-        )
-        raise TrainingError(
-            f"loss became {terms.total.item()} at epoch {self.epoch + 1}, step {step} "
-            f"in {where}; lower --lr or check the data"
+        """Stop the run before a NaN or infinity reaches the weights.
+
+        ``step`` is the 0-based batch index in the current epoch.
+        """
+        bad_losses = nonfinite_losses(terms)
+        if bad_losses:
+            raise TrainingError(
+                f"non-finite loss at {self.describe_step(step)}: "
+                f"{', '.join(bad_losses)}. The weights were not updated. "
+                "Lower --lr or --eta, or check the data"
+            )
+        bad_gradients = nonfinite_gradients(self.model)
+        if bad_gradients:
+            raise TrainingError(
+                f"non-finite gradients at {self.describe_step(step)} in "
+                f"{', '.join(bad_gradients)}, with a finite loss of "
+                f"{terms.total.item():.6g}. The weights were not updated. "
+                "Lower --lr or --eta, or check the data"
+            )
+
+    def describe_step(self, step: int) -> str:
+        global_step = self.epoch * self.batches_per_epoch + step + 1
+        return (
+            f"epoch {self.epoch + 1}, batch {step + 1} of {self.batches_per_epoch} "
+            f"(optimizer step {global_step})"
         )
 
     @staticmethod
