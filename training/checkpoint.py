@@ -3,11 +3,13 @@
 A checkpoint is a ``torch.save`` archive that holds only tensors and plain
 Python values, so ``torch.load(weights_only=True)`` reads it without unpickling
 arbitrary objects. Files are written to a temporary name and renamed, so a run
-killed mid-write leaves the previous checkpoint intact.
+killed mid-write leaves the previous checkpoint intact, plus a partial file that
+``remove_partial_checkpoints`` deletes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import tempfile
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "noprop-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -48,7 +52,7 @@ def save_checkpoint(path: str | os.PathLike, contents: dict[str, Any]) -> Path:
         "versions": package_versions(),
         **contents,
     }
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=partial_prefix(path), dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(payload, file)
@@ -59,7 +63,46 @@ def save_checkpoint(path: str | os.PathLike, contents: dict[str, Any]) -> Path:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
     return path
+
+
+def partial_prefix(path: Path) -> str:
+    """Name prefix of the temporary files that ``save_checkpoint`` writes."""
+    return f".{path.name}."
+
+
+def fsync_directory(folder: Path) -> None:
+    """Flush a rename in ``folder`` to disk, so that it survives a power loss."""
+    if os.name != "posix":
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def remove_partial_checkpoints(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that writers of ``path`` left when they were killed.
+
+    Call this only while no other process writes ``path``, because it would
+    delete that writer's temporary file.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefix = partial_prefix(path)
+    removed = sorted(
+        entry for entry in path.parent.iterdir() if entry.name.startswith(prefix)
+    )
+    for partial in removed:
+        partial.unlink(missing_ok=True)
+        logger.warning(
+            "removed %s, a partial checkpoint left by a run killed while writing it",
+            partial,
+        )
+    return removed
 
 
 def load_checkpoint(

@@ -14,7 +14,8 @@ class TrainingLog:
     """Rows of per-epoch metrics, rewritten to ``log.csv`` after every epoch.
 
     The rows also travel inside the checkpoint, so a resumed run continues the
-    same log.
+    same log. Both files are written to a temporary name and renamed, so a
+    killed run never leaves them truncated.
     """
 
     def __init__(self, output_dir: str | os.PathLike, num_steps: int) -> None:
@@ -29,10 +30,6 @@ class TrainingLog:
     @property
     def plot_path(self) -> Path:
         return self.output_dir / PLOT_NAME
-
-    def append(self, row: dict) -> None:
-        self.history.append(row)
-        self.write_csv()
 
     def write_csv(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +77,8 @@ class TrainingLog:
         accuracy_axes.grid(alpha=0.3)
 
         figure.tight_layout()
-        figure.savefig(self.plot_path, dpi=100)
+        temporary = self.plot_path.with_suffix(".png.tmp")
+        figure.savefig(temporary, dpi=100, format="png")
         plt.close(figure)
+        temporary.replace(self.plot_path)
         return self.plot_path

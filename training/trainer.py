@@ -12,7 +12,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from training.data import DatasetInfo, load_dataset, normalize
 from training.evaluation import accuracy
 from training.finite import nonfinite_gradients, nonfinite_losses
@@ -145,6 +149,7 @@ class Trainer:
         self.scheduler = self.build_scheduler()
         self.log = TrainingLog(self.output_dir, config.num_steps)
         self.epoch = 0
+        remove_partial_checkpoints(self.checkpoint_path)
         if resume is not None:
             self.restore(resume)
         elif config.embedding == "prototype":
@@ -202,6 +207,14 @@ class Trainer:
         self.epoch = checkpoint["epoch"]
         self.log.history = list(checkpoint["history"])
         torch.set_rng_state(checkpoint["rng_state"])
+        # NOTE: the CUDA generator's state is restored as on CPU, but this path
+        # has not run on a GPU, and cuDNN kernels may be nondeterministic, so a
+        # resumed CUDA run is not promised to be bit-identical.
+        if self.device.type == "cuda" and "cuda_rng_state" in checkpoint:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], self.device)
+        if self.log.history:
+            # A kill between saving and writing log.csv left it an epoch behind.
+            self.log.write_csv()
         logger.info("resumed from epoch %d", self.epoch)
 
     def run(self) -> dict:
@@ -240,8 +253,11 @@ class Trainer:
         }
         self.epoch += 1
         self.scheduler.step()
-        self.log.append(row)
+        self.log.history.append(row)
+
+        # The checkpoint goes first, so log.csv never lists an epoch it lacks.
         self.save()
+        self.log.write_csv()
         self.log.plot()
         logger.info(
             "epoch %d: loss %.4f, train acc %.4f, test acc %.4f "
@@ -360,4 +376,6 @@ class Trainer:
             },
             "rng_state": torch.get_rng_state(),
         }
+        if self.device.type == "cuda":
+            contents["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
         return save_checkpoint(self.checkpoint_path, contents)
