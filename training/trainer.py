@@ -213,7 +213,7 @@ class Trainer:
         if self.device.type == "cuda" and "cuda_rng_state" in checkpoint:
             torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], self.device)
         if self.log.history:
-            # A kill between saving and writing log.csv left it an epoch behind.
+            # A kill between saving and writing log.csv leaves it an epoch behind.
             self.log.write_csv()
         logger.info("resumed from epoch %d", self.epoch)
 
