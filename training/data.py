@@ -133,7 +133,9 @@ def read_idx_ubyte(path: Path, ndim: int) -> np.ndarray:
     """Read an IDX file of unsigned bytes, checking its magic number and size.
 
     The header is two zero bytes, the type code 0x08, the number of dimensions,
-    then each dimension as a big-endian uint32.
+    then each dimension as a big-endian uint32. The header is checked here,
+    because torchvision's reader fails on a bad one with unrelated errors
+    (a reshape error for a wrong magic number), and torchvision reads the data.
     """
     header_size = 4 + 4 * ndim
     file_size = path.stat().st_size
@@ -160,7 +162,11 @@ def read_idx_ubyte(path: Path, ndim: int) -> np.ndarray:
                 f"{path} is malformed: its header declares shape {shape}, which "
                 f"needs {expected_size} bytes, but the file has {file_size}"
             )
-        return np.fromfile(file, dtype=np.uint8).reshape(shape)
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype=np.uint8)  # torchvision cannot read no data
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    return read_sn3_pascalvincent_tensor(str(path), strict=True).numpy()
 
 
 def read_mnist_split(raw: Path, train: bool, num_classes: int) -> ImageSplit:
