@@ -3,7 +3,8 @@
 One run against the default model measures, on this machine:
 
 1. the limit: onnxruntime alone (no HTTP) with the service's session
-   options, at the service's max_batch_size and at batch 1;
+   options, at the service's max_batch_size and at batch 1, before and
+   after the servers;
 2. the service with batching, and the same service with max_batch_size = 1;
 3. the peer: the same model behind BentoML's adaptive batching
    (benchmarks/peer_bentoml.py), in its own venv, .venv-peer;
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for results.json, report.md, CSV files and server logs",
     )
     parser.add_argument(
+        "--from-results",
+        type=Path,
+        default=None,
+        help="measure nothing: rewrite the report and plot from a results.json",
+    )
+    parser.add_argument(
         "--plot",
         type=Path,
         default=REPOSITORY_ROOT / "docs" / "serving-benchmark.png",
@@ -178,13 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll
     args = build_parser().parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_results is not None:
+        results = load_results(args.from_results)
+        write_plot(results, args.plot)
+        print(write_report(results, args.out / "report.md"))
+        return 0
+
     results = Results(
         machine=describe_machine(),
         command=" ".join(["python", "benchmarks/serving.py", *sys.argv[1:]]),
         max_batch_size=args.max_batch_size,
     )
 
-    measure_limit(results, args)
+    measure_limit(results, args, "before")
     servers = [
         service_server("service", args.max_batch_size),
         service_server("service, max_batch_size=1", 1),
@@ -199,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.profile:
                     results.profile = record_profile(running, args)
 
+    measure_limit(results, args, "after")
     (args.out / "results.json").write_text(
         json.dumps(asdict(results), indent=2, default=str)
     )
@@ -206,6 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(results, args.out / "report.md")
     print(report)
     return 0
+
+
+def load_results(path: Path) -> Results:
+    """Read a results.json written by an earlier run."""
+    data = json.loads(path.read_text())
+
+    def level(item: dict) -> LevelResult:
+        return LevelResult(**{**item, "summary": Summary(**item["summary"])})
+
+    data["levels"] = {
+        name: [level(item) for item in items] for name, items in data["levels"].items()
+    }
+    if data["half_load"] is not None:
+        data["half_load"] = level(data["half_load"])
+    return Results(**data)
 
 
 def describe_machine() -> dict[str, str]:
@@ -236,11 +265,13 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def measure_limit(results: Results, args: argparse.Namespace) -> None:
+def measure_limit(results: Results, args: argparse.Namespace, when: str) -> None:
     """Time onnxruntime alone at max_batch_size and at batch 1.
 
     The session has the service's thread count, and is measured with and
-    without spinning threads, in turns; the limit is the faster median.
+    without spinning threads, in turns. The limit is the fastest median of
+    all calls, ``when`` ("before" or "after" the servers) included, so a
+    change in the machine's speed during the run lowers no ratio's bound.
     """
     settings = Settings(max_batch_size=args.max_batch_size)
     images, _ = load_images(None, args.data_root, MAX_TEST_IMAGES)
@@ -270,15 +301,11 @@ def measure_limit(results: Results, args: argparse.Namespace) -> None:
 
     for (batch_size, spinning), rates in rounds.items():
         rate = statistics.median(rates)
-        results.limit_by_spinning[f"{batch_size}, spinning={spinning}"] = rate
+        variant = f"{batch_size}, spinning={spinning}, {when}"
+        results.limit_by_spinning[variant] = rate
         best = max(results.limit.get(str(batch_size), 0.0), rate)
         results.limit[str(batch_size)] = best
-        logger.info(
-            "onnxruntime alone, batch %d, spinning %s: %.1f images/s",
-            batch_size,
-            spinning,
-            rate,
-        )
+        logger.info("onnxruntime alone, batch %s: %.1f images/s", variant, rate)
     results.batch_seconds = (
         args.max_batch_size / results.limit[str(args.max_batch_size)]
     )
