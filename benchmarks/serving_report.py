@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -257,10 +258,22 @@ def write_plot(results: Results, path: Path) -> None:
     p99.annotate("4 x one batch's inference", (1, bound), fontsize=8, va="bottom")
     for axis, label in ((throughput, "images/s"), (p99, "p99 latency (ms)")):
         axis.set_xscale("log", base=2)
+        levels = next(iter(results.levels.values()))
+        axis.set_xticks([level.concurrency for level in levels])
+        axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         axis.set_xlabel("concurrent users (one image per request)")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
     p99.set_yscale("log")
+    if results.half_load is not None and results.half_load.summary.latency_ms:
+        half_load_p99 = results.half_load.summary.latency_ms["p99"]
+        p99.axhline(half_load_p99, linestyle="-.", color="tab:blue", linewidth=1)
+        p99.annotate(
+            f"service at half load ({results.half_load_rate:.0f} requests/s)",
+            (1, half_load_p99),
+            fontsize=8,
+            va="top",
+        )
     throughput.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
