@@ -8,10 +8,11 @@ Each task picks a request form (see ``loadtest.forms``) and random test
 images, and checks the response: a 200 must have the /classify shape, one
 prediction per image. 429 and 503 responses are recorded under the name
 "/classify rejected", apart from errors, because they are the service
-shedding load as designed. Options added to Locust's (each also read from
-the environment variable in brackets): --image-dir [LOADTEST_IMAGE_DIR],
---data-root [NOPROP_DATA_ROOT], --forms [LOADTEST_FORMS],
---max-images-per-request, --request-rate, --summary-file.
+shedding load as designed. Options added to Locust's, with the environment
+variable that also sets them where there is one: --image-dir
+(LOADTEST_IMAGE_DIR), --data-root (NOPROP_DATA_ROOT), --forms
+(LOADTEST_FORMS), --max-images-per-request, --request-rate and
+--summary-file.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class _Run:
     images: list[TestImage] = []
     forms: tuple[str, ...] = FORMS
     max_images_per_request = 1
-    # NOTE: counted per process, so the summary's image counts and accuracy
-    # cover one process; python -m loadtest run always uses one.
+    # NOTE: counted per process, so with Locust's --processes the summary's
+    # image counts and accuracy cover the master only. python -m loadtest run
+    # always runs one process.
     classified_images = 0
     labelled_images = 0
     correct_labels = 0
@@ -110,8 +112,8 @@ def add_arguments(parser) -> None:
 @events.init.add_listener
 def load_test_images(environment: Environment, **_kwargs) -> None:
     options = environment.parsed_options
-    if options is None or isinstance(environment.runner, WorkerRunner):
-        return  # no command line (library use), or a worker: the master checks
+    if options is None:
+        return  # library use without a command line: no options to read
     try:
         _Run.forms = parse_forms(options.forms)
         if options.max_images_per_request < 1:
