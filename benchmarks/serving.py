@@ -335,7 +335,7 @@ def service_server(name: str, max_batch_size: int) -> Server:
 
 def peer_server(venv: Path, args: argparse.Namespace) -> Server:
     env = {
-        "BENTOML_DO_NOT_TRACK": "true",  # BentoML sends usage data unless told not to
+        "BENTOML_DO_NOT_TRACK": "true",  # else BentoML sends usage statistics
         "BENTOML_HOME": str(args.out / "bentoml-home"),
         "PEER_MODEL_PATH": str(DEFAULT_MODEL_PATH),
         "PEER_MAX_BATCH_SIZE": str(args.max_batch_size),
@@ -379,7 +379,7 @@ class RunningServer:
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group, for BentoML's workers
+                start_new_session=True,  # a process group of its own, for killpg
             )
         self._wait_ready()
         return self
@@ -501,7 +501,7 @@ def run_locust(
     summary = Summary.from_file(summary_path)
     level = LevelResult(users, summary, os.getloadavg()[0])
     # Both counters also cover Locust's start-up and the time after the last
-    # request; dividing by the requests' span overstates the cores a little.
+    # request, so dividing by the requests' span overstates the cores a little.
     span = max(summary.duration_s, 1e-9)
     level.server_cores = (server_after[0] - server_before[0]) / span
     if running.server.api == "noprop":  # BentoML's main process only supervises
@@ -517,8 +517,8 @@ def process_cpu_seconds(pid: int) -> tuple[float, float]:
     """Return the CPU seconds of a process tree and of its root's main thread.
 
     The first figure adds up ``pid`` and its descendants that are still
-    running (BentoML runs its workers in child processes); the second is
-    ``pid``'s main thread.
+    running, because BentoML runs its workers in child processes. The second
+    is ``pid``'s main thread alone.
     """
     ticks = os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
