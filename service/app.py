@@ -15,7 +15,7 @@ from service.metrics import Metrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from service.routes import classify, status
 from service.settings import Settings
-from service.state import ServiceState
+from service.state import Phase, ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_upload_bytes,
         timeout_s=settings.body_timeout_s,
     )
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        draining=lambda: state.phase is Phase.DRAINING,
+    )
     return app
 
 

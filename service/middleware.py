@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,12 +32,16 @@ class RequestContextMiddleware:
     """Assign a request id, return it in X-Request-ID, record status and latency.
 
     An exception that no handler turned into a response becomes a JSON 500
-    that carries the request id, and is logged with it.
+    that carries the request id, and is logged with it. While ``draining()``
+    is true, responses carry ``Connection: close``.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, draining: Callable[[], bool]
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,6 +61,11 @@ class RequestContextMiddleware:
                 started = True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                if self.draining():
+                    # Closing each connection after its response stops clients
+                    # from sending on an idle keep-alive connection just as the
+                    # server closes it at shutdown, which loses that request.
+                    headers.append((b"connection", b"close"))
                 message = {**message, "headers": headers}
             await send(message)
 
