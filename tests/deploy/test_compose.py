@@ -230,7 +230,11 @@ def test_train_profile_model_switch(stack: ComposeStack) -> None:
 
 
 class DrainClient:
-    """Threads that post real digits in a loop and record how each request ended."""
+    """Threads that post real digits in a loop and record how each request ended.
+
+    Each thread stops at its first 503 or refused connection, as a load
+    balancer stops routing to an instance whose readiness turned 503.
+    """
 
     def __init__(self, base_url: str, threads: int) -> None:
         self.base_url = base_url
@@ -247,8 +251,11 @@ class DrainClient:
                 outcome = self._post(client)
                 with self.lock:
                     self.records.append((start, time.monotonic(), outcome))
-                if outcome == "refused":
-                    time.sleep(0.05)
+                if outcome in ("rejected", "refused"):
+                    # A load balancer stops sending to a draining instance.
+                    # Connections opened while the server closes its listening
+                    # socket can be reset unanswered, so they are not sent.
+                    return
 
     def _post(self, client: httpx.Client) -> str:
         try:
