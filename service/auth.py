@@ -38,11 +38,11 @@ async def check_api_key(
     expected = state.settings.api_key
     if expected is None:
         return
-    given = (
+    presented = (
         header_key if header_key is not None else getattr(bearer, "credentials", None)
     )
-    if given is None or not hmac.compare_digest(
-        given.encode(), expected.get_secret_value().encode()
+    if presented is None or not hmac.compare_digest(
+        presented.encode(), expected.get_secret_value().encode()
     ):
         raise ServiceError(
             401,

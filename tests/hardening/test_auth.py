@@ -12,8 +12,12 @@ import httpx
 import pytest
 
 from service.cli import EXIT_INVALID_SETTINGS
-from tests.hardening.conftest import start_server
-from tests.service.conftest import EXAMPLE_DIGITS, REPOSITORY_ROOT, ServerProcess
+from tests.service.conftest import (
+    EXAMPLE_DIGITS,
+    REPOSITORY_ROOT,
+    ServerProcess,
+    start_default_server,
+)
 
 API_KEY = "test-key-" + "5f3a9c2e7b1d4068"
 DIGIT_7 = EXAMPLE_DIGITS / "mnist-test-00000-label-7.png"
@@ -22,8 +26,10 @@ BOMB = Path(__file__).resolve().parent / "inputs" / "bomb-100000x100000.png"
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = start_server(
-        tmp_path_factory.mktemp("auth"), api_key=API_KEY, max_batch_size=4
+    process = start_default_server(
+        tmp_path_factory.mktemp("auth") / "server.log",
+        api_key=API_KEY,
+        max_batch_size=4,
     )
     yield process
     process.stop()

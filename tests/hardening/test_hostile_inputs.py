@@ -1,5 +1,5 @@
 """Hostile and unusual requests against a real server: each gets a defined 4xx
-or the right answer, and no response carries a stack trace.
+or the correct classification, and no response carries a stack trace.
 
 The image files live in inputs/ and are written by make_inputs.py.
 """

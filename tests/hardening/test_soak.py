@@ -15,9 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.hardening.conftest import start_server
 from tests.hardening.traffic import MemorySampler, Traffic, run_clients
-from tests.service.conftest import ServerProcess
+from tests.service.conftest import ServerProcess, start_default_server
 
 CLIENTS = 4
 IMAGES_PER_REQUEST = 4
@@ -29,7 +28,9 @@ LATENCY_SLACK_S = 0.02
 
 @pytest.fixture(scope="module")
 def soak_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    process = start_server(tmp_path_factory.mktemp("soak"), max_batch_size=16)
+    process = start_default_server(
+        tmp_path_factory.mktemp("soak") / "server.log", max_batch_size=16
+    )
     yield process
     process.stop()
 

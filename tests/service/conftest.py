@@ -241,6 +241,23 @@ class ServerProcess:
         self._log.close()
 
 
+def start_default_server(log_path: Path, **settings: object) -> ServerProcess:
+    """Start ``python -m service`` on the default model and wait until it is ready.
+
+    Skips the test when the default model is absent.
+    """
+    if not DEFAULT_MODEL_PATH.is_file():
+        pytest.skip(f"the default model {DEFAULT_MODEL_PATH} is absent")
+    process = ServerProcess(DEFAULT_MODEL_PATH, log_path, **settings)
+    try:
+        process.wait_listening()
+        process.wait_ready()
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
 @pytest.fixture(scope="module")
 def server(
     model_path: Path, tmp_path_factory: pytest.TempPathFactory
