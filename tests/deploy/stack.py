@@ -30,6 +30,11 @@ LOCAL_BASE_IMAGE = "localhost/debian-base:bookworm"
 # Where a host CA bundle is mounted inside builds; see PIP_CERT in the Dockerfiles.
 BUILD_CA_PATH = "/run/host-ca.crt"
 SERVICES = ("service", "load", "train")
+# Peak disk use of building the trainer image, measured at 15.1 GB: its
+# 6.4 GB of layers plus the copies podman makes while committing a layer
+# (docs/deploy.md). Buildah keeps those copies under /var/tmp.
+TRAIN_BUILD_DISK_GB = 16
+BUILD_TEMP_DIR = Path(os.environ.get("TMPDIR", "/var/tmp"))
 
 
 @dataclass
@@ -82,6 +87,23 @@ def set_up_podman() -> None:
         check=True,
         env={**os.environ, "BASE_IMAGE": LOCAL_BASE_IMAGE},
     )
+
+
+def free_build_disk_gb() -> tuple[float, str]:
+    """Return the free GB where image builds write, and where that is.
+
+    Builds write to podman's graph root and to the temporary folder; where
+    they are on different file systems, the smaller free space counts.
+    """
+    root = subprocess.run(
+        ["podman", "info", "--format", "{{.Store.GraphRoot}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    places = [Path(root), BUILD_TEMP_DIR]
+    free = min(shutil.disk_usage(place).free for place in places if place.exists())
+    return free / 1e9, " and ".join(str(place) for place in places)
 
 
 def free_port() -> int:
@@ -226,6 +248,11 @@ class ComposeStack:
             f"{self.base_url}/readyz not ready after {timeout} s (last: {last})\n"
             f"service logs:\n{(logs.stdout + logs.stderr)[-4000:]}"
         )
+
+    def remove_image(self, service: str) -> None:
+        """Remove one of the images this stack built, and the build's leftovers."""
+        self.podman("rmi", "--force", self.images[service], check=False)
+        self.podman("image", "prune", "--force", check=False)
 
     def tear_down(self) -> None:
         """Remove the project's containers, volumes and images, in any state."""
