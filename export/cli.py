@@ -12,7 +12,9 @@ from export.exporter import export_checkpoint, variant_path
 from export.graph import DEFAULT_OPSET, MIN_OPSET
 from export.verification import DEFAULT_BATCH_SIZE, TOLERANCES
 from training.checkpoint import CheckpointError
+from training.continuous import DEFAULT_INTEGRATION
 from training.data import DATA_ROOT_ENV, DatasetError
+from training.model import SOLVERS
 
 EXIT_VERIFICATION_FAILED = 1
 EXIT_INVALID_INPUT = 2
@@ -88,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images per batch during verification (default: {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="ct and fm models: integration steps to unroll (default: "
+        + ", ".join(f"{v} {n}" for v, (_, n) in DEFAULT_INTEGRATION.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default=None,
+        help="ct and fm models: the ODE solver to unroll (default: "
+        + ", ".join(f"{v} {name}" for v, (name, _) in DEFAULT_INTEGRATION.items())
+        + ")",
+    )
+    parser.add_argument(
         "--opset",
         type=int,
         default=DEFAULT_OPSET,
@@ -116,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             verify_images=args.verify_images,
             opset=args.opset,
             batch_size=args.batch_size,
+            steps=args.steps,
+            solver=args.solver,
         )
     except VerificationError as error:
         if error.report is not None:

@@ -31,8 +31,9 @@ from export.verification import (
     onnx_probabilities,
     torch_probabilities,
 )
+from training.continuous import DEFAULT_INTEGRATION
 from training.data import DatasetInfo, ImageSplit, load_dataset
-from training.evaluation import TrainedModel, load_trained_model
+from training.evaluation import TrainedModel, load_trained_model, with_integration
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ def export_checkpoint(
     verify_images: int = 0,
     opset: int = DEFAULT_OPSET,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    steps: int | None = None,
+    solver: str | None = None,
 ) -> ExportReport:
     """Export ``checkpoint`` to ``output`` and to the requested variants.
 
@@ -120,9 +123,24 @@ def export_checkpoint(
     DatasetError for missing data, ExportError for a failed export and
     VerificationError when a file is outside its tolerance. A failed variant
     does not remove the files that passed.
+
+    A CT or FM model is unrolled with ``steps`` steps of ``solver`` ("euler"
+    or "heun"); None takes DEFAULT_INTEGRATION's value for the variant. Both
+    must be None for a DT or backprop model, whose steps are its blocks.
     """
     variants = _validate_options(variants, verify_images, batch_size)
+    if steps is not None and steps < 1:
+        raise ExportError(f"steps must be at least 1, got {steps}")
     trained = load_trained_model(checkpoint)
+    variant = trained.model.config.variant
+    if variant in DEFAULT_INTEGRATION:
+        default_solver, default_steps = DEFAULT_INTEGRATION[variant]
+        steps = default_steps if steps is None else steps
+        solver = default_solver if solver is None else solver
+    try:
+        trained = with_integration(trained, steps, solver)
+    except ValueError as error:
+        raise ExportError(str(error)) from error
     checkpoint_sha256 = sha256_file(checkpoint)
     split = load_test_split(trained.dataset, data_root, verify_images)
 

@@ -10,7 +10,8 @@ import torch
 
 from training.checkpoint import CheckpointError
 from training.data import DATA_ROOT_ENV, LOADERS, DatasetError
-from training.model import EMBEDDINGS, VARIANTS
+from training.losses import DEFAULT_ETAS
+from training.model import EMBEDDINGS, SOLVERS, VARIANTS
 from training.trainer import TrainConfig, Trainer, TrainingError
 
 logger = logging.getLogger("training")
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variant",
         choices=VARIANTS,
         default=DEFAULTS.variant,
-        help="dt: NoProp-DT; backprop: the same blocks trained end to end",
+        help="dt: NoProp-DT; ct: NoProp-CT; fm: NoProp-FM (flow matching); "
+        "backprop: the DT blocks trained end to end",
     )
     model.add_argument(
         "--embedding",
@@ -83,7 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=DEFAULTS.num_steps,
-        help="number of blocks and denoising steps T",
+        help="dt and backprop: the number of blocks T; ct and fm: the "
+        "integration steps used to evaluate",
+    )
+    model.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default=DEFAULTS.solver,
+        help="ct and fm: the ODE solver used to evaluate",
     )
     model.add_argument(
         "--dropout",
@@ -122,7 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="AdamW weight decay",
     )
     optim.add_argument(
-        "--eta", type=float, default=DEFAULTS.eta, help="weight of the denoising losses"
+        "--eta",
+        type=float,
+        default=None,
+        help="weight of the denoising loss (default: "
+        + ", ".join(f"{name} {value:g}" for name, value in DEFAULT_ETAS.items())
+        + ")",
     )
     optim.add_argument(
         "--seed",
@@ -170,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay,
         eta=args.eta,
         dropout=args.dropout,
+        solver=args.solver,
         seed=args.seed,
         train_subset=args.train_subset,
         test_subset=args.test_subset,

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import DatasetInfo, ImageSplit, normalize
-from training.model import ModelConfig, NoPropNet
+from training.model import ModelConfig, build_model
 
 EVAL_BATCH_SIZE = 1000
 
 
 @torch.no_grad()
 def predict_logits(
-    model: NoPropNet,
+    model: torch.nn.Module,
     images: torch.Tensor,
     info: DatasetInfo,
     deterministic: bool = True,
@@ -35,7 +35,10 @@ def predict_logits(
 
 
 def accuracy(
-    model: NoPropNet, split: ImageSplit, info: DatasetInfo, deterministic: bool = True
+    model: torch.nn.Module,
+    split: ImageSplit,
+    info: DatasetInfo,
+    deterministic: bool = True,
 ) -> float:
     """Fraction of ``split`` classified correctly, in [0, 1]."""
     predictions = predict_logits(model, split.images, info, deterministic).argmax(1)
@@ -46,7 +49,7 @@ def accuracy(
 class TrainedModel:
     """A model rebuilt from a checkpoint, in eval mode, with its data description."""
 
-    model: NoPropNet
+    model: torch.nn.Module  # NoPropNet or ContinuousNoPropNet
     dataset: DatasetInfo
     checkpoint: dict
 
@@ -57,7 +60,7 @@ def load_trained_model(path: str | os.PathLike, device: str = "cpu") -> TrainedM
     try:
         config = ModelConfig.from_dict(checkpoint["model_config"])
         dataset = DatasetInfo.from_dict(checkpoint["dataset"])
-        model = NoPropNet(config).to(device)
+        model = build_model(config).to(device)
         model.load_state_dict(checkpoint["model_state"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
@@ -65,3 +68,32 @@ def load_trained_model(path: str | os.PathLike, device: str = "cpu") -> TrainedM
         ) from error
     model.eval()
     return TrainedModel(model, dataset, checkpoint)
+
+
+def with_integration(
+    trained: TrainedModel, steps: int | None = None, solver: str | None = None
+) -> TrainedModel:
+    """Return a CT or FM model that integrates with ``steps`` steps of ``solver``.
+
+    The weights are shared; None keeps the checkpoint's value. Raises
+    ValueError for a DT or backprop model, whose steps are its blocks.
+    """
+    config = trained.model.config
+    if steps is None and solver is None:
+        return trained
+    if not config.continuous:
+        raise ValueError(
+            f"integration steps and solver apply to ct and fm models; this "
+            f"checkpoint's variant is {config.variant!r}, whose {config.num_steps} "
+            "steps are its trained blocks"
+        )
+    config = replace(
+        config,
+        num_steps=config.num_steps if steps is None else steps,
+        solver=config.solver if solver is None else solver,
+    )
+    device = next(trained.model.parameters()).device
+    model = build_model(config).to(device)
+    model.load_state_dict(trained.model.state_dict())
+    model.eval()
+    return TrainedModel(model, trained.dataset, trained.checkpoint)

@@ -1,4 +1,4 @@
-"""Training objectives: the NoProp-DT loss and the back-propagation baseline's."""
+"""Training objectives of NoProp-DT, -CT and -FM and of the backprop baseline."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from training.continuous import FM_PATH_NOISE, ContinuousNoPropNet
 from training.model import NoPropNet
 
-# Weight of the denoising terms in the NoProp-DT loss (eta in Li, Teh and
-# Pascanu 2025, "NoProp", arXiv 2503.24322).
+# Weight of the denoising terms (eta in Li, Teh and Pascanu 2025, "NoProp",
+# arXiv 2503.24322): 0.1 for NoProp-DT, 1 for NoProp-CT. NoProp-FM's loss has
+# no such weight; eta scales its velocity term.
 DEFAULT_ETA = 0.1
+DEFAULT_ETAS = {"dt": 0.1, "ct": 1.0, "fm": 1.0, "backprop": 0.1}
 
 
 @dataclass
@@ -110,10 +113,89 @@ def backprop_step(model: NoPropNet, x: torch.Tensor, labels: torch.Tensor) -> Lo
     )
 
 
-def loss_and_gradients(
-    model: NoPropNet, x: torch.Tensor, labels: torch.Tensor, eta: float = DEFAULT_ETA
+def ct_loss(
+    model: ContinuousNoPropNet, x: torch.Tensor, labels: torch.Tensor, eta: float
 ) -> LossTerms:
-    """Compute the variant's loss on one batch and accumulate its gradients."""
-    if model.config.variant == "backprop":
+    """NoProp-CT: CE on z_1 + KL on z_0 + eta / 2 E_t[SNR'(t) ||u_hat - u_y||^2].
+
+    t ~ U[0, 1], one per example. The schedule's weights get gradients through
+    SNR'(t) and through z_t's noise level.
+    """
+    u_y = model.embedding(labels)  # (B, d)
+    t = torch.rand(labels.shape[0], device=u_y.device)
+    snr, snr_slope = model.noise_schedule.snr_and_derivative(t)
+    alpha_bar = (snr / (1 + snr))[:, None]  # sigmoid(-gamma), (B, 1)
+    z_t = sample_z(alpha_bar, u_y.detach())
+    mse = (model.predict(x, z_t, t) - u_y).pow(2).sum(1)  # (B,)
+    denoising = 0.5 * eta * (snr_slope * mse).mean()
+
+    ends = model.noise_schedule.alpha_bar(torch.tensor([0.0, 1.0], device=t.device))
+    cross_entropy = F.cross_entropy(model.classifier(sample_z(ends[1], u_y)), labels)
+    kl = kl_to_standard_normal(ends[0], u_y)
+    total = denoising + cross_entropy + kl
+    return LossTerms(
+        total,
+        cross_entropy,
+        kl,
+        mse.mean().detach()[None],
+        denoising.detach()[None],
+    )
+
+
+def fm_loss(
+    model: ContinuousNoPropNet, x: torch.Tensor, labels: torch.Tensor, eta: float
+) -> LossTerms:
+    """NoProp-FM: eta ||v_hat(z_t, x, t) - (u_y - z_0)||^2 on z_t = t u_y + (1 - t) z_0.
+
+    A learned or prototype embedding adds the cross-entropy of the extrapolated
+    z_1 = z_t + (1 - t) v_hat against the class embeddings, which keeps the
+    embeddings from collapsing onto each other.
+    """
+    u_y = model.embedding(labels)  # (B, d)
+    t = torch.rand(labels.shape[0], 1, device=u_y.device)
+    z_0 = torch.randn_like(u_y)
+    z_t = t * u_y + (1 - t) * z_0 + FM_PATH_NOISE * torch.randn_like(u_y)
+    v_hat = model.predict(x, z_t, t[:, 0])
+    mse = (v_hat - (u_y - z_0)).pow(2).sum(1).mean()
+    cross_entropy = mse.new_zeros(())
+    if model.config.embedding != "one-hot":
+        z_1 = z_t + (1 - t) * v_hat
+        cross_entropy = F.cross_entropy(model.embedding_logits(z_1), labels)
+    total = eta * mse + cross_entropy
+    return LossTerms(
+        total,
+        cross_entropy,
+        mse.new_zeros(()),
+        mse.detach()[None],
+        (eta * mse).detach()[None],
+    )
+
+
+def detached(terms: LossTerms) -> LossTerms:
+    return LossTerms(
+        terms.total.detach(),
+        terms.cross_entropy.detach(),
+        terms.kl.detach(),
+        terms.block_mse,
+        terms.block_loss,
+    )
+
+
+def loss_and_gradients(
+    model: NoPropNet | ContinuousNoPropNet,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    eta: float = DEFAULT_ETA,
+) -> LossTerms:
+    """Compute the variant's loss on one batch and accumulate its gradients.
+
+    CT and FM train one network, so their loss is back-propagated whole.
+    """
+    variant = model.config.variant
+    if variant == "backprop":
         return backprop_step(model, x, labels)
+    if variant in ("ct", "fm"):
+        terms = (ct_loss if variant == "ct" else fm_loss)(model, x, labels, eta)
+        terms.total.backward()
+        return detached(terms)
     return noprop_dt_step(model, x, labels, eta)

@@ -1,7 +1,8 @@
 """NoProp-DT network: T denoising blocks, label embeddings and the final classifier.
 
 The same blocks also make the back-propagation baseline, which chains them end
-to end and trains them as one network.
+to end and trains them as one network. NoProp-CT and NoProp-FM live in
+training/continuous.py; ``build_model`` makes any of them from a ModelConfig.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from torch import nn
 
 from training.schedule import DenoisingSchedule
 
-VARIANTS = ("dt", "backprop")
+VARIANTS = ("dt", "ct", "fm", "backprop")
+CONTINUOUS_VARIANTS = ("ct", "fm")
+SOLVERS = ("euler", "heun")
 EMBEDDINGS = ("one-hot", "learned", "prototype")
 LEARNED_EMBEDDING_DIM = 20
 
@@ -27,10 +30,13 @@ class ModelConfig:
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int
     variant: str = "dt"
+    # DT and backprop: the number of blocks T. CT and FM: the number of
+    # integration steps at inference, which the exporter may change.
     num_steps: int = 10
     embedding: str = "one-hot"
     embedding_dim: int = 0  # 0 picks the kind's default (see resolved_embedding_dim)
     dropout: float = 0.2
+    solver: str = "euler"  # CT and FM: the ODE solver at inference
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -40,6 +46,10 @@ class ModelConfig:
         if self.embedding not in EMBEDDINGS:
             raise ValueError(
                 f"invalid embedding {self.embedding!r}; expected one of {EMBEDDINGS}"
+            )
+        if self.solver not in SOLVERS:
+            raise ValueError(
+                f"invalid solver {self.solver!r}; expected one of {SOLVERS}"
             )
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {self.num_steps}")
@@ -55,6 +65,10 @@ class ModelConfig:
                 f"image_shape {self.image_shape} is too small; the block's three "
                 "unpadded convolutions and two poolings need C >= 1 and H, W >= 14"
             )
+
+    @property
+    def continuous(self) -> bool:
+        return self.variant in CONTINUOUS_VARIANTS
 
     @property
     def resolved_embedding_dim(self) -> int:
@@ -75,9 +89,14 @@ class ModelConfig:
 
 
 class ImageEncoder(nn.Module):
-    """Conv32 -> pool -> conv64 -> conv128 -> pool -> FC256 -> BN, unpadded convs."""
+    """Conv32 -> pool -> conv64 -> conv128 -> pool -> FC256 -> BN, unpadded convs.
 
-    def __init__(self, image_shape: tuple[int, int, int], dropout: float) -> None:
+    With ``batch_norm=False`` (NoProp-CT and FM) the path ends FC256 -> ReLU.
+    """
+
+    def __init__(
+        self, image_shape: tuple[int, int, int], dropout: float, batch_norm: bool = True
+    ) -> None:
         super().__init__()
         channels, height, width = image_shape
         self.features = nn.Sequential(
@@ -97,10 +116,11 @@ class ImageEncoder(nn.Module):
         out_height = ((height - 2) // 2 - 4) // 2
         out_width = ((width - 2) // 2 - 4) // 2
         self.fc = nn.Linear(128 * out_height * out_width, 256)
-        self.bn = nn.BatchNorm1d(256)
+        self.bn = nn.BatchNorm1d(256) if batch_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.fc(self.features(x)))  # (B, C, H, W) -> (B, 256)
+        h = self.fc(self.features(x))  # (B, C, H, W) -> (B, 256)
+        return F.relu(h) if self.bn is None else self.bn(h)
 
 
 class LabelEncoder(nn.Module):
@@ -228,6 +248,14 @@ class NoPropNet(nn.Module):
     def schedule(self) -> DenoisingSchedule:
         return DenoisingSchedule(self.alpha_bar.double())
 
+    @property
+    def num_blocks(self) -> int:
+        return self.config.num_steps
+
+    def schedule_record(self) -> dict:
+        """The noise schedule as plain lists, for the checkpoint."""
+        return {"alpha_bar": self.alpha_bar.tolist()}
+
     def predict_embedding(
         self, t: int, x: torch.Tensor, z: torch.Tensor
     ) -> torch.Tensor:
@@ -264,6 +292,15 @@ class NoPropNet(nn.Module):
         if deterministic:
             return z_next
         return z_next + self.step_c[t - 1].sqrt() * torch.randn_like(z)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """Make the network of ``config.variant``: NoPropNet or ContinuousNoPropNet."""
+    if config.continuous:
+        from training.continuous import ContinuousNoPropNet
+
+        return ContinuousNoPropNet(config)
+    return NoPropNet(config)
 
 
 def count_parameters(module: nn.Module) -> int:

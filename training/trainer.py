@@ -20,8 +20,8 @@ from training.checkpoint import (
 from training.data import DatasetInfo, load_dataset, normalize
 from training.evaluation import accuracy
 from training.finite import nonfinite_gradients, nonfinite_losses
-from training.losses import DEFAULT_ETA, LossTerms, loss_and_gradients
-from training.model import ModelConfig, NoPropNet
+from training.losses import DEFAULT_ETAS, LossTerms, loss_and_gradients
+from training.model import SOLVERS, VARIANTS, ModelConfig, build_model
 from training.progress import TrainingLog
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ class TrainConfig:
     lr: float = 1e-3
     lr_schedule: str = "constant"  # or "cosine": decays to 0 at the last epoch
     weight_decay: float = 1e-3
-    eta: float = DEFAULT_ETA
+    eta: float | None = None  # None: the variant's default, DEFAULT_ETAS
     dropout: float = 0.2
+    solver: str = "euler"  # CT and FM: the ODE solver used for evaluation
     seed: int = 0
     train_subset: int = 0  # 0 uses the whole training split
     test_subset: int = 0  # 0 uses the whole test split
@@ -59,6 +60,16 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise TrainingError(
+                f"invalid variant {self.variant!r}; expected one of {VARIANTS}"
+            )
+        if self.solver not in SOLVERS:
+            raise TrainingError(
+                f"invalid solver {self.solver!r}; expected one of {SOLVERS}"
+            )
+        if self.eta is None:
+            object.__setattr__(self, "eta", DEFAULT_ETAS[self.variant])
         positive = ("epochs", "batch_size", "num_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -88,6 +99,7 @@ class TrainConfig:
             embedding=self.embedding,
             embedding_dim=self.embedding_dim,
             dropout=self.dropout,
+            solver=self.solver,
         )
 
     @classmethod
@@ -142,12 +154,12 @@ class Trainer:
         self.train_split.images = self.train_split.images.to(self.device)
         self.train_split.labels = self.train_split.labels.to(self.device)
 
-        self.model = NoPropNet(config.model_config(self.info)).to(self.device)
+        self.model = build_model(config.model_config(self.info)).to(self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         self.scheduler = self.build_scheduler()
-        self.log = TrainingLog(self.output_dir, config.num_steps)
+        self.log = TrainingLog(self.output_dir, self.model.num_blocks)
         self.epoch = 0
         remove_partial_checkpoints(self.checkpoint_path)
         if resume is not None:
@@ -362,7 +374,7 @@ class Trainer:
             "train_config": asdict(self.config),
             "model_config": self.model.config.to_dict(),
             "dataset": self.info.to_dict(),
-            "schedule": {"alpha_bar": self.model.alpha_bar.tolist()},
+            "schedule": self.model.schedule_record(),
             "model_state": self.model.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(),
