@@ -73,14 +73,15 @@ class LearnedSchedule(nn.Module):
         super().__init__()
         self.l1 = PositiveLinear(1, 1)
         self.l2 = PositiveLinear(1, SCHEDULE_HIDDEN)
-        self.l3 = PositiveLinear(SCHEDULE_HIDDEN, 1)
+        # No bias: the normalization in gamma_bar would cancel it.
+        self.l3 = PositiveLinear(SCHEDULE_HIDDEN, 1, bias=False)
 
     def monotone(self, t: torch.Tensor) -> torch.Tensor:
         h = self.l1(t[:, None])  # (B,) -> (B, 1)
         return (h + self.l3(torch.sigmoid(self.l2(h)))).squeeze(1)
 
     def gamma_bar(self, t: torch.Tensor) -> torch.Tensor:
-        ends = self.monotone(torch.tensor([0.0, 1.0], device=t.device))
+        ends = self.monotone(t.new_tensor([0.0, 1.0]))
         return (self.monotone(t) - ends[0]) / (ends[1] - ends[0])
 
     def gamma(self, t: torch.Tensor) -> torch.Tensor:

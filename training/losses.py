@@ -122,14 +122,14 @@ def ct_loss(
     SNR'(t) and through z_t's noise level.
     """
     u_y = model.embedding(labels)  # (B, d)
-    t = torch.rand(labels.shape[0], device=u_y.device)
+    t = torch.rand(labels.shape[0], device=u_y.device, dtype=u_y.dtype)
     snr, snr_slope = model.noise_schedule.snr_and_derivative(t)
     alpha_bar = (snr / (1 + snr))[:, None]  # sigmoid(-gamma), (B, 1)
     z_t = sample_z(alpha_bar, u_y.detach())
     mse = (model.predict(x, z_t, t) - u_y).pow(2).sum(1)  # (B,)
     denoising = 0.5 * eta * (snr_slope * mse).mean()
 
-    ends = model.noise_schedule.alpha_bar(torch.tensor([0.0, 1.0], device=t.device))
+    ends = model.noise_schedule.alpha_bar(t.new_tensor([0.0, 1.0]))
     cross_entropy = F.cross_entropy(model.classifier(sample_z(ends[1], u_y)), labels)
     kl = kl_to_standard_normal(ends[0], u_y)
     total = denoising + cross_entropy + kl
@@ -152,7 +152,7 @@ def fm_loss(
     embeddings from collapsing onto each other.
     """
     u_y = model.embedding(labels)  # (B, d)
-    t = torch.rand(labels.shape[0], 1, device=u_y.device)
+    t = torch.rand(labels.shape[0], 1, device=u_y.device, dtype=u_y.dtype)
     z_0 = torch.randn_like(u_y)
     z_t = t * u_y + (1 - t) * z_0 + FM_PATH_NOISE * torch.randn_like(u_y)
     v_hat = model.predict(x, z_t, t[:, 0])
