@@ -13,14 +13,17 @@ The model contract:
   softmax and sums to 1.
 - The T denoising steps are unrolled: z_0 = 0, the step coefficients, every
   block and the final classifier are in the one graph, with no Loop and no
-  random op, so the same image always gets the same output.
+  random op, so the same image always gets the same output. For NoProp-CT and
+  NoProp-FM, the N Euler or Heun steps of the ODE are unrolled the same way.
 
 ONNX metadata_props (all values are strings):
 
 - ``noprop.class_names``: JSON list of the class names, in output order.
 - ``noprop.dataset``: dataset name, e.g. "mnist" or "cifar10".
-- ``noprop.variant``: "dt" (NoProp-DT) or "backprop" (the baseline).
-- ``noprop.num_steps``: number of denoising steps T.
+- ``noprop.variant``: "dt" (NoProp-DT), "ct" (NoProp-CT), "fm" (NoProp-FM)
+  or "backprop" (the baseline).
+- ``noprop.num_steps``: number of denoising steps T, or of integration steps
+  for "ct" and "fm".
 - ``noprop.input_height``, ``noprop.input_width``, ``noprop.input_channels``:
   the fixed dimensions of ``image``.
 - ``noprop.label_embedding``: "one-hot", "learned" or "prototype".

@@ -53,7 +53,7 @@ class ModelMetadata:
 
     class_names: tuple[str, ...]
     dataset: str
-    variant: str  # "dt" or "backprop"
+    variant: str  # "dt", "ct", "fm" or "backprop"
     num_steps: int
     input_height: int
     input_width: int
