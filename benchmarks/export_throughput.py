@@ -10,7 +10,9 @@ hits both, and the median round is reported.
     python benchmarks/export_throughput.py CHECKPOINT [--onnx MODEL.onnx]
 
 Without ``--onnx`` the checkpoint is exported to a temporary file first (the
-graph only: no verification, no metadata).
+graph only: no verification, no metadata). A CT or FM checkpoint runs with the
+exporter's default integration steps and solver unless ``--steps`` or
+``--solver`` say otherwise; pass the same values that made ``--onnx``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import onnxruntime as ort
 import torch
 
 from export.graph import build_onnx_model
+from training.continuous import DEFAULT_INTEGRATION
 from training.data import normalize
-from training.evaluation import TrainedModel, load_trained_model
+from training.evaluation import TrainedModel, load_trained_model, with_integration
+from training.model import SOLVERS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="exported model of the checkpoint (None: export to a temporary file)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="ct and fm: integration steps"
+    )
+    parser.add_argument(
+        "--solver", choices=SOLVERS, default=None, help="ct and fm: the ODE solver"
     )
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 8, 64], help="batch sizes"
@@ -158,7 +168,8 @@ def describe_setup(trained: TrainedModel, threads: int) -> str:
     config = trained.model.config
     return (
         f"{trained.dataset.name}, variant {config.variant}, "
-        f"{config.num_steps} steps, {config.embedding} embedding; "
+        f"{config.num_steps} steps ({config.solver} for ct and fm), "
+        f"{config.embedding} embedding; "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, "
         f"python {platform.python_version()}, {os.cpu_count()} CPUs, "
         f"{threads} intra-op threads"
@@ -170,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     trained = load_trained_model(args.checkpoint)
+    variant = trained.model.config.variant
+    if variant in DEFAULT_INTEGRATION:
+        solver, steps = DEFAULT_INTEGRATION[variant]
+        trained = with_integration(trained, args.steps or steps, args.solver or solver)
 
     with tempfile.TemporaryDirectory(prefix="noprop-bench-") as folder:
         path = args.onnx
