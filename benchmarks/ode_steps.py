@@ -2,10 +2,10 @@
 
 For each checkpoint, solver (Euler, Heun) and step count, the PyTorch model
 classifies the whole test split deterministically (z_0 = 0). The recommended
-setting is the one with the fewest network evaluations whose accuracy is
-within ``--tolerance`` percentage points of the best measured; it is what
-training.continuous.DEFAULT_INTEGRATION should hold. Writes steps.csv and
-steps.png to ``--output``.
+setting has the fewest network evaluations among those within ``--tolerance``
+percentage points of the best accuracy measured. It is the value for
+training.continuous.DEFAULT_INTEGRATION. Writes steps.csv and steps.png to
+``--output``.
 
     python benchmarks/ode_steps.py runs/ct/checkpoint.pt runs/fm/checkpoint.pt \
         --output docs/runs/ode-steps

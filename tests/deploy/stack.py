@@ -92,8 +92,8 @@ def set_up_podman() -> None:
 def free_build_disk_gb() -> tuple[float, str]:
     """Return the free GB where image builds write, and where that is.
 
-    Builds write to podman's graph root and to the temporary folder; where
-    they are on different file systems, the smaller free space counts.
+    Builds write to podman's graph root and to the temporary folder. Where
+    the two are on different file systems, the smaller free space counts.
     """
     root = subprocess.run(
         ["podman", "info", "--format", "{{.Store.GraphRoot}}"],
