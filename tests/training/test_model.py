@@ -101,7 +101,8 @@ def test_backprop_variant_has_mix_weights():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"variant": "ct"}, "invalid variant 'ct'"),
+        ({"variant": "vae"}, "invalid variant 'vae'"),
+        ({"solver": "rk4"}, "invalid solver 'rk4'"),
         ({"embedding": "random"}, "invalid embedding 'random'"),
         ({"num_steps": 0}, "num_steps must be at least 1, got 0"),
         ({"num_classes": 1}, "num_classes must be at least 2, got 1"),
