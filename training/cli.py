@@ -10,7 +10,7 @@ import torch
 
 from training.checkpoint import CheckpointError
 from training.data import DATA_ROOT_ENV, LOADERS, DatasetError
-from training.losses import DEFAULT_ETAS
+from training.losses import CT_WEIGHTINGS, DEFAULT_ETAS
 from training.model import EMBEDDINGS, SOLVERS, VARIANTS
 from training.trainer import TrainConfig, Trainer, TrainingError
 
@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         + ")",
     )
     optim.add_argument(
+        "--ct-weighting",
+        choices=CT_WEIGHTINGS,
+        default=DEFAULTS.ct_weighting,
+        help="ct: weight the denoising error by SNR'(t) as in the paper (elbo), "
+        "or equally at every t with the schedule fixed (uniform)",
+    )
+    optim.add_argument(
         "--seed",
         type=int,
         default=DEFAULTS.seed,
@@ -185,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eta=args.eta,
         dropout=args.dropout,
         solver=args.solver,
+        ct_weighting=args.ct_weighting,
         seed=args.seed,
         train_subset=args.train_subset,
         test_subset=args.test_subset,

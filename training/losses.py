@@ -15,6 +15,9 @@ from training.model import NoPropNet
 # no such weight; eta scales its velocity term.
 DEFAULT_ETA = 0.1
 DEFAULT_ETAS = {"dt": 0.1, "ct": 1.0, "fm": 1.0, "backprop": 0.1}
+# How NoProp-CT weights its denoising error over t: "elbo" by SNR'(t), as in
+# the paper, or "uniform", the same weight at every t (see ct_loss).
+CT_WEIGHTINGS = ("elbo", "uniform")
 
 
 @dataclass
@@ -114,22 +117,42 @@ def backprop_step(model: NoPropNet, x: torch.Tensor, labels: torch.Tensor) -> Lo
 
 
 def ct_loss(
-    model: ContinuousNoPropNet, x: torch.Tensor, labels: torch.Tensor, eta: float
+    model: ContinuousNoPropNet,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    eta: float,
+    weighting: str = "elbo",
 ) -> LossTerms:
     """NoProp-CT: CE on z_1 + KL on z_0 + eta / 2 E_t[SNR'(t) ||u_hat - u_y||^2].
 
     t ~ U[0, 1], one per example. The schedule's weights get gradients through
     SNR'(t) and through z_t's noise level.
+
+    SNR'(t) grows with SNR(t), so under "elbo" nearly all the weight falls on t
+    near 1, where z_t already shows the label. The one shared network then
+    learns the early steps slowly. "uniform" drops SNR'(t) from the
+    denoising term and freezes the schedule, which would otherwise learn to
+    make every z_t clean.
     """
+    if weighting not in CT_WEIGHTINGS:
+        raise ValueError(
+            f"invalid weighting {weighting!r}; expected one of {CT_WEIGHTINGS}"
+        )
     u_y = model.embedding(labels)  # (B, d)
     t = torch.rand(labels.shape[0], device=u_y.device, dtype=u_y.dtype)
-    snr, snr_slope = model.noise_schedule.snr_and_derivative(t)
-    alpha_bar = (snr / (1 + snr))[:, None]  # sigmoid(-gamma), (B, 1)
+    if weighting == "elbo":
+        snr, snr_slope = model.noise_schedule.snr_and_derivative(t)
+        alpha_bar = (snr / (1 + snr))[:, None]  # sigmoid(-gamma), (B, 1)
+    else:
+        with torch.no_grad():
+            alpha_bar = model.noise_schedule.alpha_bar(t)[:, None]
+        snr_slope = torch.ones_like(t)
     z_t = sample_z(alpha_bar, u_y.detach())
     mse = (model.predict(x, z_t, t) - u_y).pow(2).sum(1)  # (B,)
     denoising = 0.5 * eta * (snr_slope * mse).mean()
 
-    ends = model.noise_schedule.alpha_bar(t.new_tensor([0.0, 1.0]))
+    with torch.no_grad():  # gamma_bar is 0 at t = 0 and 1 at t = 1 by construction
+        ends = model.noise_schedule.alpha_bar(t.new_tensor([0.0, 1.0]))
     cross_entropy = F.cross_entropy(model.classifier(sample_z(ends[1], u_y)), labels)
     kl = kl_to_standard_normal(ends[0], u_y)
     total = denoising + cross_entropy + kl
@@ -186,6 +209,7 @@ def loss_and_gradients(
     x: torch.Tensor,
     labels: torch.Tensor,
     eta: float = DEFAULT_ETA,
+    ct_weighting: str = "elbo",
 ) -> LossTerms:
     """Compute the variant's loss on one batch and accumulate its gradients.
 
@@ -195,7 +219,10 @@ def loss_and_gradients(
     if variant == "backprop":
         return backprop_step(model, x, labels)
     if variant in ("ct", "fm"):
-        terms = (ct_loss if variant == "ct" else fm_loss)(model, x, labels, eta)
+        if variant == "ct":
+            terms = ct_loss(model, x, labels, eta, ct_weighting)
+        else:
+            terms = fm_loss(model, x, labels, eta)
         terms.total.backward()
         return detached(terms)
     return noprop_dt_step(model, x, labels, eta)

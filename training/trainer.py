@@ -20,7 +20,12 @@ from training.checkpoint import (
 from training.data import DatasetInfo, load_dataset, normalize
 from training.evaluation import accuracy
 from training.finite import nonfinite_gradients, nonfinite_losses
-from training.losses import DEFAULT_ETAS, LossTerms, loss_and_gradients
+from training.losses import (
+    CT_WEIGHTINGS,
+    DEFAULT_ETAS,
+    LossTerms,
+    loss_and_gradients,
+)
 from training.model import SOLVERS, VARIANTS, ModelConfig, build_model
 from training.progress import TrainingLog
 
@@ -51,6 +56,7 @@ class TrainConfig:
     eta: float | None = None  # None: the variant's default, DEFAULT_ETAS
     dropout: float = 0.2
     solver: str = "euler"  # CT and FM: the ODE solver used for evaluation
+    ct_weighting: str = "elbo"  # CT: "elbo" or "uniform" (training.losses.ct_loss)
     seed: int = 0
     train_subset: int = 0  # 0 uses the whole training split
     test_subset: int = 0  # 0 uses the whole test split
@@ -67,6 +73,11 @@ class TrainConfig:
         if self.solver not in SOLVERS:
             raise TrainingError(
                 f"invalid solver {self.solver!r}; expected one of {SOLVERS}"
+            )
+        if self.ct_weighting not in CT_WEIGHTINGS:
+            raise TrainingError(
+                f"invalid ct_weighting {self.ct_weighting!r}; "
+                f"expected one of {CT_WEIGHTINGS}"
             )
         if self.eta is None:
             object.__setattr__(self, "eta", DEFAULT_ETAS[self.variant])
@@ -311,7 +322,9 @@ class Trainer:
         labels = self.train_split.labels[index]  # (B,)
 
         self.optimizer.zero_grad(set_to_none=True)
-        terms = loss_and_gradients(self.model, x, labels, self.config.eta)
+        terms = loss_and_gradients(
+            self.model, x, labels, self.config.eta, self.config.ct_weighting
+        )
         self.check_finite(terms, step)
         self.optimizer.step()
         return terms

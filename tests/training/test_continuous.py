@@ -14,7 +14,12 @@ from training.continuous import (
     integrate,
     time_grid,
 )
-from training.evaluation import accuracy, load_trained_model, with_integration
+from training.evaluation import (
+    accuracy,
+    load_trained_model,
+    predict_logits,
+    with_integration,
+)
 from training.losses import DEFAULT_ETAS, ct_loss, fm_loss, loss_and_gradients
 from training.model import ModelConfig, build_model
 from training.trainer import TrainConfig, Trainer, TrainingError
@@ -123,6 +128,21 @@ def test_ct_loss_matches_hand_computation():
     )
 
 
+def test_ct_uniform_weighting_freezes_schedule():
+    net = make_net("ct").eval()  # eval: no dropout draws
+    x, labels = batch()
+
+    torch.manual_seed(1)
+    terms = loss_and_gradients(net, x, labels, eta=1.0, ct_weighting="uniform")
+
+    assert terms.block_loss.item() == pytest.approx(0.5 * terms.block_mse.item())
+    schedule_grads = [p.grad for p in net.noise_schedule.parameters()]
+    assert all(grad is None for grad in schedule_grads)
+    assert net.denoiser.head[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="invalid weighting 'snr'"):
+        ct_loss(net, x, labels, eta=1.0, weighting="snr")
+
+
 def test_fm_loss_matches_hand_computation():
     torch.manual_seed(0)
     net = make_net("fm").eval()  # eval: no dropout draws
@@ -223,6 +243,8 @@ def test_config_rejects_unknown_solver_and_variant():
         TrainConfig(solver="rk4")
     with pytest.raises(TrainingError, match="invalid variant 'vae'"):
         TrainConfig(variant="vae")
+    with pytest.raises(TrainingError, match="invalid ct_weighting 'snr'"):
+        TrainConfig(ct_weighting="snr")
     assert TrainConfig(variant="ct").eta == 1.0
     assert TrainConfig(variant="dt").eta == 0.1
 
@@ -259,3 +281,30 @@ def test_short_run_on_real_mnist_learns(variant, lr, threshold, data_root, tmp_p
     resumed = Trainer.from_checkpoint(trainer.checkpoint_path, epochs=3)
     assert resumed.epoch == 3
     assert resumed.config == config
+
+
+def test_ct_on_100_classes_does_not_collapse(cifar100_root, tmp_path):
+    """CT on 100 classes keeps finite losses and spreads its predictions.
+
+    Published reimplementations saw NoProp-CT collapse on CIFAR-100. The set is
+    600 real CIFAR-10 images under 100 labels in CIFAR-100's format.
+    """
+    config = TrainConfig(
+        dataset="cifar100",
+        variant="ct",
+        num_steps=4,
+        epochs=3,
+        batch_size=64,
+        lr=2e-3,
+        train_eval_size=200,
+    )
+    trainer = Trainer(config, tmp_path, cifar100_root)
+
+    row = trainer.run()
+
+    assert all(math.isfinite(value) for value in (row["loss"], row["kl"]))
+    logits = predict_logits(trainer.model, trainer.test_split.images, trainer.info)
+    predicted = logits.argmax(1)
+    assert torch.isfinite(logits).all()
+    # A collapsed model predicts one class for every image.
+    assert predicted.unique().numel() >= 10
