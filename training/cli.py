@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ct-weighting",
         choices=CT_WEIGHTINGS,
         default=DEFAULTS.ct_weighting,
-        help="ct: weight the denoising error by SNR'(t) as in the paper (elbo), "
-        "or equally at every t with the schedule fixed (uniform)",
+        help="ct: weight the denoising error equally at every t with the "
+        "schedule fixed (uniform), or by SNR'(t) as in the paper (elbo)",
     )
     optim.add_argument(
         "--seed",

@@ -15,9 +15,9 @@ from training.model import NoPropNet
 # no such weight; eta scales its velocity term.
 DEFAULT_ETA = 0.1
 DEFAULT_ETAS = {"dt": 0.1, "ct": 1.0, "fm": 1.0, "backprop": 0.1}
-# How NoProp-CT weights its denoising error over t: "elbo" by SNR'(t), as in
-# the paper, or "uniform", the same weight at every t (see ct_loss).
-CT_WEIGHTINGS = ("elbo", "uniform")
+# How NoProp-CT weights its denoising error over t: "uniform", the same weight
+# at every t (the default), or "elbo", by SNR'(t) as in the paper (see ct_loss).
+CT_WEIGHTINGS = ("uniform", "elbo")
 
 
 @dataclass
@@ -121,7 +121,7 @@ def ct_loss(
     x: torch.Tensor,
     labels: torch.Tensor,
     eta: float,
-    weighting: str = "elbo",
+    weighting: str = "uniform",
 ) -> LossTerms:
     """NoProp-CT: CE on z_1 + KL on z_0 + eta / 2 E_t[SNR'(t) ||u_hat - u_y||^2].
 
@@ -132,7 +132,8 @@ def ct_loss(
     near 1, where z_t already shows the label. The one shared network then
     learns the early steps slowly. "uniform" drops SNR'(t) from the
     denoising term and freezes the schedule, which would otherwise learn to
-    make every z_t clean.
+    make every z_t clean. On MNIST, "uniform" reached 98.56% after 2 epochs
+    and "elbo" 95.98% after 3 (docs/benchmarks.md).
     """
     if weighting not in CT_WEIGHTINGS:
         raise ValueError(
@@ -209,7 +210,7 @@ def loss_and_gradients(
     x: torch.Tensor,
     labels: torch.Tensor,
     eta: float = DEFAULT_ETA,
-    ct_weighting: str = "elbo",
+    ct_weighting: str = "uniform",
 ) -> LossTerms:
     """Compute the variant's loss on one batch and accumulate its gradients.
 

@@ -56,7 +56,7 @@ class TrainConfig:
     eta: float | None = None  # None: the variant's default, DEFAULT_ETAS
     dropout: float = 0.2
     solver: str = "euler"  # CT and FM: the ODE solver used for evaluation
-    ct_weighting: str = "elbo"  # CT: "elbo" or "uniform" (training.losses.ct_loss)
+    ct_weighting: str = "uniform"  # CT: "uniform" or "elbo" (losses.ct_loss)
     seed: int = 0
     train_subset: int = 0  # 0 uses the whole training split
     test_subset: int = 0  # 0 uses the whole test split

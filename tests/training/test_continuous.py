@@ -92,7 +92,7 @@ def test_ct_loss_matches_hand_computation():
     x = x.double()
 
     torch.manual_seed(1)
-    terms = ct_loss(net, x, labels, eta=1.0)
+    terms = ct_loss(net, x, labels, eta=1.0, weighting="elbo")
 
     # The same draws by hand: t, then the noise of z_t, then of z_1.
     torch.manual_seed(1)
@@ -180,7 +180,8 @@ def test_one_network_gets_every_gradient(variant):
     net = make_net(variant).train()
     x, labels = batch()
 
-    loss_and_gradients(net, x, labels, DEFAULT_ETAS[variant])
+    # "elbo": the CT schedule learns too. "uniform" freezes it (tested below).
+    loss_and_gradients(net, x, labels, DEFAULT_ETAS[variant], ct_weighting="elbo")
 
     missing = [
         name
