@@ -34,7 +34,7 @@ GAMMA_AT_1 = -math.log(99.0)
 FM_PATH_NOISE = 0.01
 # The exporter's default (solver, steps) per variant, chosen from the accuracy
 # against steps on the MNIST test set (docs/benchmarks.md, benchmarks/ode_steps.py).
-DEFAULT_INTEGRATION = {"ct": ("euler", 10), "fm": ("euler", 10)}
+DEFAULT_INTEGRATION = {"ct": ("euler", 1), "fm": ("euler", 2)}
 # Hidden units of the monotone network inside the learned schedule.
 SCHEDULE_HIDDEN = 1024
 
