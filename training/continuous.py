@@ -190,7 +190,7 @@ class ContinuousNoPropNet(nn.Module):
         return 1
 
     def schedule_record(self) -> dict:
-        """alpha_bar(t) on the inference grid (CT), as plain lists."""
+        """Return alpha_bar(t) on the inference grid (CT) as plain lists."""
         if self.config.variant != "ct":
             return {}
         grid = time_grid(self.config.num_steps, self.embedding.weight.device)

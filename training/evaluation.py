@@ -75,8 +75,9 @@ def with_integration(
 ) -> TrainedModel:
     """Return a CT or FM model that integrates with ``steps`` steps of ``solver``.
 
-    The weights are shared; None keeps the checkpoint's value. Raises
-    ValueError for a DT or backprop model, whose steps are its blocks.
+    The new model gets a copy of the weights. None keeps the checkpoint's
+    value. Raises ValueError for a DT or backprop model, whose steps are its
+    blocks.
     """
     config = trained.model.config
     if steps is None and solver is None:

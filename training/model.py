@@ -253,7 +253,7 @@ class NoPropNet(nn.Module):
         return self.config.num_steps
 
     def schedule_record(self) -> dict:
-        """The noise schedule as plain lists, for the checkpoint."""
+        """Return the noise schedule as plain lists, for the checkpoint."""
         return {"alpha_bar": self.alpha_bar.tolist()}
 
     def predict_embedding(
