@@ -89,21 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BATCH_SIZE,
         help=f"images per batch during verification (default: {DEFAULT_BATCH_SIZE})",
     )
+    default_solvers = ", ".join(f"{v} {s}" for v, (s, _) in DEFAULT_INTEGRATION.items())
+    default_steps = ", ".join(f"{v} {n}" for v, (_, n) in DEFAULT_INTEGRATION.items())
     parser.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="ct and fm models: integration steps to unroll (default: "
-        + ", ".join(f"{v} {n}" for v, (_, n) in DEFAULT_INTEGRATION.items())
-        + ")",
+        help=f"ct and fm models: integration steps to unroll "
+        f"(default: {default_steps})",
     )
     parser.add_argument(
         "--solver",
         choices=SOLVERS,
         default=None,
-        help="ct and fm models: the ODE solver to unroll (default: "
-        + ", ".join(f"{v} {name}" for v, (name, _) in DEFAULT_INTEGRATION.items())
-        + ")",
+        help=f"ct and fm models: the ODE solver to unroll (default: {default_solvers})",
     )
     parser.add_argument(
         "--opset",

@@ -137,7 +137,7 @@ def time_grid(num_steps: int, device: torch.device | None = None) -> torch.Tenso
 
 
 def full_like_batch(z: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
-    """A (B,) tensor of ``value``, one time per example."""
+    """Return a (B,) tensor of ``value``, one time per example."""
     return z.new_ones(z.shape[0]) * value
 
 

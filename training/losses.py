@@ -13,9 +13,9 @@ from training.model import NoPropNet
 # Weight of the denoising terms (eta in Li, Teh and Pascanu 2025, "NoProp",
 # arXiv 2503.24322): 0.1 for NoProp-DT, 1 for NoProp-CT. NoProp-FM's loss has
 # no such weight; eta scales its velocity term.
-DEFAULT_ETA = 0.1
 DEFAULT_ETAS = {"dt": 0.1, "ct": 1.0, "fm": 1.0, "backprop": 0.1}
-# How NoProp-CT weights its denoising error over t: "uniform", the same weight
+DEFAULT_ETA = DEFAULT_ETAS["dt"]
+# Weightings of NoProp-CT's denoising error over t: "uniform", the same weight
 # at every t (the default), or "elbo", by SNR'(t) as in the paper (see ct_loss).
 CT_WEIGHTINGS = ("uniform", "elbo")
 

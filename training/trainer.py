@@ -66,19 +66,17 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise TrainingError(
-                f"invalid variant {self.variant!r}; expected one of {VARIANTS}"
-            )
-        if self.solver not in SOLVERS:
-            raise TrainingError(
-                f"invalid solver {self.solver!r}; expected one of {SOLVERS}"
-            )
-        if self.ct_weighting not in CT_WEIGHTINGS:
-            raise TrainingError(
-                f"invalid ct_weighting {self.ct_weighting!r}; "
-                f"expected one of {CT_WEIGHTINGS}"
-            )
+        choices = {
+            "variant": VARIANTS,
+            "solver": SOLVERS,
+            "ct_weighting": CT_WEIGHTINGS,
+            "lr_schedule": LR_SCHEDULES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise TrainingError(
+                    f"invalid {name} {getattr(self, name)!r}; expected one of {allowed}"
+                )
         if self.eta is None:
             object.__setattr__(self, "eta", DEFAULT_ETAS[self.variant])
         positive = ("epochs", "batch_size", "num_steps")
@@ -87,11 +85,6 @@ class TrainConfig:
                 raise TrainingError(
                     f"{name} must be at least 1, got {getattr(self, name)}"
                 )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise TrainingError(
-                f"invalid lr_schedule {self.lr_schedule!r}; "
-                f"expected one of {LR_SCHEDULES}"
-            )
         for name in ("lr", "eta"):
             if not getattr(self, name) > 0:
                 raise TrainingError(

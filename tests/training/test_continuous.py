@@ -191,7 +191,7 @@ def test_one_network_gets_every_gradient(variant):
     assert not missing
 
 
-def test_integrate_is_exact_for_linear_and_second_order_for_heun():
+def test_integrate_euler_and_heun_orders():
     grid = time_grid(8, torch.device("cpu")).double()
     z = torch.ones(1, 1, dtype=torch.float64)
 
