@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 import torch
+import torch.distributed as dist
 
 from training.checkpoint import CheckpointError
 from training.data import DATA_ROOT_ENV, LOADERS, DatasetError
+from training.distributed import Cluster, DistributedError, Layout
 from training.losses import CT_WEIGHTINGS, DEFAULT_ETAS
 from training.model import EMBEDDINGS, SOLVERS, VARIANTS
-from training.trainer import TrainConfig, Trainer, TrainingError
+from training.trainer import TrainConfig, Trainer, TrainingError, resolve_device
 
 logger = logging.getLogger("training")
 DEFAULTS = TrainConfig()
@@ -174,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="CPU threads for torch (0: torch's default)",
     )
+
+    parallel = parser.add_argument_group(
+        "parallelism",
+        "Launch with torchrun to train on several processes or GPUs, for example "
+        "torchrun --nproc-per-node 2 -m training ...",
+    )
+    parallel.add_argument(
+        "--block-groups",
+        type=int,
+        default=0,
+        help="dt under torchrun: split the blocks among this many groups of "
+        "ranks; the ranks of a group train its blocks data-parallel "
+        "(0: one group per rank)",
+    )
+    parallel.add_argument(
+        "--batched-blocks",
+        action="store_true",
+        help="dt: train a rank's blocks in one batched (vmap) computation per "
+        "batch instead of one after another; faster on GPUs, more memory",
+    )
     return parser
 
 
@@ -193,12 +216,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dropout=args.dropout,
         solver=args.solver,
         ct_weighting=args.ct_weighting,
+        batched_blocks=args.batched_blocks,
         seed=args.seed,
         train_subset=args.train_subset,
         test_subset=args.test_subset,
         train_eval_size=args.train_eval_size,
         device=args.device,
     )
+
+
+class RankStopped(Exception):
+    """torchrun (or a user) sent this rank SIGTERM."""
+
+
+def stop_on_sigterm(signum: int, frame: object) -> None:
+    raise RankStopped(f"signal {signal.Signals(signum).name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,8 +241,39 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.block_groups < 0:
+        parser.error(f"--block-groups must be >= 0, got {args.block_groups}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        cluster = start_cluster(args)
+    except (DistributedError, TrainingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return train(args, cluster)
+    finally:
+        cluster.stop()
+
+
+def start_cluster(args: argparse.Namespace) -> Cluster:
+    """Join torchrun's process group, when there is one."""
+    layout = Layout.from_environment(args.block_groups)
+    if layout.world_size == 1:
+        return Cluster(layout)
+    if not layout.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    # torchrun stops the other ranks with SIGTERM when one fails.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    device = resolve_device(args.device, layout)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Cluster.start(layout, device)
+
+
+def train(args: argparse.Namespace, cluster: Cluster) -> int:
+    rank = f"rank {cluster.layout.rank}: " if cluster.active else ""
+    trainer = None
     try:
         if args.resume:
             trainer = Trainer.from_checkpoint(
@@ -219,16 +282,31 @@ def main(argv: list[str] | None = None) -> int:
                 args.data_root,
                 args.download,
                 getattr(args, "epochs", None),
+                cluster,
             )
         else:
             output_dir = args.output_dir or "runs/noprop"
             trainer = Trainer(
-                config_from_args(args), output_dir, args.data_root, args.download
+                config_from_args(args),
+                output_dir,
+                args.data_root,
+                args.download,
+                cluster=cluster,
             )
         row = trainer.run()
-    except (TrainingError, DatasetError, CheckpointError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        cluster.barrier()
+    except (
+        TrainingError,
+        DatasetError,
+        CheckpointError,
+        DistributedError,
+        ValueError,
+    ) as error:
+        print(f"error: {rank}{error}", file=sys.stderr)
         return 2
+    except (RankStopped, dist.DistError) as error:
+        print(f"error: {rank}{lost_rank_message(error, trainer)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "interrupted; the last finished epoch is in the checkpoint", file=sys.stderr
@@ -241,3 +319,16 @@ def main(argv: list[str] | None = None) -> int:
             f"checkpoint {trainer.checkpoint_path}"
         )
     return 0
+
+
+def lost_rank_message(error: Exception, trainer: Trainer | None) -> str:
+    """Explain that the run lost a rank, and how to resume it."""
+    where = "the checkpoint"
+    if trainer is not None:
+        where = str(trainer.checkpoint_path)
+    return (
+        f"the distributed run stopped ({type(error).__name__}: {error}), most "
+        "likely because another rank failed or was killed. The last finished "
+        f"epoch is in {where}; resume with the same torchrun command and "
+        f"--resume {where}"
+    )

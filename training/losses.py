@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from training.continuous import FM_PATH_NOISE, ContinuousNoPropNet
 from training.model import NoPropNet
@@ -44,8 +47,42 @@ def kl_to_standard_normal(alpha_bar: torch.Tensor, u_y: torch.Tensor) -> torch.T
     return 0.5 * per_example.mean()
 
 
+@dataclass(frozen=True)
+class BlockShare:
+    """The part of a NoProp-DT step that one process computes.
+
+    A single process computes every block and the head. Under block parallelism
+    (training/distributed.py) each rank computes its own blocks, and one rank
+    group the head. With ``step_key`` set, the noise and dropout of block t
+    (t = 0 for the head) come from the global generator seeded by
+    (*step_key, t), so they do not depend on which process computes the block.
+    """
+
+    blocks: tuple[int, ...]  # 1-based
+    head: bool = True
+    step_key: tuple[int, ...] | None = None
+    # Modules that run blocks' forward passes in place of model.blocks, such as
+    # DistributedDataParallel wrappers, keyed by 1-based block index.
+    modules: Mapping[int, nn.Module] = field(default_factory=dict)
+    batched: bool = False  # all blocks in one vmap call (training/batched.py)
+
+    @classmethod
+    def whole(cls, num_blocks: int) -> BlockShare:
+        return cls(tuple(range(1, num_blocks + 1)))
+
+    def reseed(self, t: int) -> None:
+        if self.step_key is None:
+            return
+        key = np.random.SeedSequence([*self.step_key, t])
+        torch.manual_seed(int(key.generate_state(1, np.uint64)[0]))
+
+
 def block_denoising_mse(
-    model: NoPropNet, t: int, x: torch.Tensor, u_y: torch.Tensor
+    model: NoPropNet,
+    t: int,
+    x: torch.Tensor,
+    u_y: torch.Tensor,
+    block: nn.Module | None = None,
 ) -> torch.Tensor:
     """||u_hat_t(z_{t-1}, x) - u_y||^2 with z_{t-1} sampled from q, batch mean.
 
@@ -53,12 +90,22 @@ def block_denoising_mse(
     gradients only for block t (and the learned embedding, where there is one).
     """
     z_prev = sample_z(model.alpha_bar[t - 1], u_y).detach()  # (B, d)
-    u_hat = model.predict_embedding(t, x, z_prev)  # (B, d)
+    u_hat = model.predict_embedding(t, x, z_prev, block)  # (B, d)
     return (u_hat - u_y).pow(2).sum(1).mean()
 
 
+def block_weight(model: NoPropNet, eta: float, t: int) -> float:
+    """eta / 2 * (SNR(t) - SNR(t-1)), the weight of block t's mse in the loss."""
+    return 0.5 * eta * model.schedule.snr_delta[t - 1].item()
+
+
 def weighted_block_loss(
-    model: NoPropNet, t: int, x: torch.Tensor, labels: torch.Tensor, eta: float
+    model: NoPropNet,
+    t: int,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    eta: float,
+    block: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (eta / 2 * (SNR(t) - SNR(t-1)) * mse_t, mse_t) for block t.
 
@@ -66,9 +113,8 @@ def weighted_block_loss(
     trained on every batch, that is the sum over t of these per-block losses.
     """
     u_y = model.embedding(labels)  # (B, d)
-    mse = block_denoising_mse(model, t, x, u_y)
-    weight = model.schedule.snr_delta[t - 1].item()
-    return 0.5 * eta * weight * mse, mse.detach()
+    mse = block_denoising_mse(model, t, x, u_y, block)
+    return block_weight(model, eta, t) * mse, mse.detach()
 
 
 def head_loss(
@@ -82,27 +128,69 @@ def head_loss(
 
 
 def noprop_dt_step(
-    model: NoPropNet, x: torch.Tensor, labels: torch.Tensor, eta: float = DEFAULT_ETA
+    model: NoPropNet,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    eta: float = DEFAULT_ETA,
+    share: BlockShare | None = None,
 ) -> LossTerms:
     """Compute the NoProp-DT loss and its gradients, one block at a time.
 
     Each block's loss is back-propagated on its own before the next block runs,
     so only one block's activations are alive at once. That is where NoProp's
-    memory saving over back-propagation comes from.
+    memory saving over back-propagation comes from. ``share`` picks the blocks
+    (default all, and the head); the blocks it leaves out count 0 in the terms.
     """
-    weighted, block_mse = [], []
-    for t in range(1, model.config.num_steps + 1):
-        loss, mse = weighted_block_loss(model, t, x, labels, eta)
-        loss.backward()
-        weighted.append(loss.detach())
-        block_mse.append(mse)
-    cross_entropy, kl = head_loss(model, labels)
-    (cross_entropy + kl).backward()
-    block_loss = torch.stack(weighted)  # (T,)
-    total = block_loss.sum() + cross_entropy.detach() + kl.detach()
-    return LossTerms(
-        total, cross_entropy.detach(), kl.detach(), torch.stack(block_mse), block_loss
-    )
+    share = share or BlockShare.whole(model.config.num_steps)
+    weighted = x.new_zeros(model.config.num_steps)  # (T,)
+    block_mse = x.new_zeros(model.config.num_steps)  # (T,)
+    if share.batched:
+        batched_block_losses(model, x, labels, eta, share, weighted, block_mse)
+    else:
+        for t in share.blocks:
+            share.reseed(t)
+            loss, mse = weighted_block_loss(
+                model, t, x, labels, eta, share.modules.get(t)
+            )
+            loss.backward()
+            weighted[t - 1], block_mse[t - 1] = loss.detach(), mse
+
+    cross_entropy, kl = x.new_zeros(()), x.new_zeros(())
+    if share.head:
+        share.reseed(0)
+        cross_entropy, kl = head_loss(model, labels)
+        (cross_entropy + kl).backward()
+    cross_entropy, kl = cross_entropy.detach(), kl.detach()
+    total = weighted.sum() + cross_entropy + kl
+    return LossTerms(total, cross_entropy, kl, block_mse, weighted)
+
+
+def batched_block_losses(
+    model: NoPropNet,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    eta: float,
+    share: BlockShare,
+    weighted: torch.Tensor,
+    block_mse: torch.Tensor,
+) -> None:
+    """Back-propagate the losses of ``share.blocks`` as one vmap computation.
+
+    Fills ``weighted`` and ``block_mse`` (T,) at the blocks' positions.
+    """
+    from training.batched import batched_denoising_mse
+
+    u_y = model.embedding(labels)  # (B, d)
+    z_prev = []
+    for t in share.blocks:
+        share.reseed(t)
+        z_prev.append(sample_z(model.alpha_bar[t - 1], u_y).detach())
+    mse = batched_denoising_mse(model, share.blocks, x, u_y, torch.stack(z_prev))
+    weights = mse.new_tensor([block_weight(model, eta, t) for t in share.blocks])
+    (weights * mse).sum().backward()
+    index = torch.tensor(share.blocks, device=x.device) - 1
+    weighted[index] = (weights * mse).detach()
+    block_mse[index] = mse.detach()
 
 
 def backprop_step(model: NoPropNet, x: torch.Tensor, labels: torch.Tensor) -> LossTerms:
@@ -211,10 +299,12 @@ def loss_and_gradients(
     labels: torch.Tensor,
     eta: float = DEFAULT_ETA,
     ct_weighting: str = "uniform",
+    share: BlockShare | None = None,
 ) -> LossTerms:
     """Compute the variant's loss on one batch and accumulate its gradients.
 
     CT and FM train one network, so their loss is back-propagated whole.
+    ``share`` applies to NoProp-DT (see noprop_dt_step).
     """
     variant = model.config.variant
     if variant == "backprop":
@@ -226,4 +316,4 @@ def loss_and_gradients(
             terms = fm_loss(model, x, labels, eta)
         terms.total.backward()
         return detached(terms)
-    return noprop_dt_step(model, x, labels, eta)
+    return noprop_dt_step(model, x, labels, eta, share)

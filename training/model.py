@@ -257,10 +257,18 @@ class NoPropNet(nn.Module):
         return {"alpha_bar": self.alpha_bar.tolist()}
 
     def predict_embedding(
-        self, t: int, x: torch.Tensor, z: torch.Tensor
+        self,
+        t: int,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        block: nn.Module | None = None,
     ) -> torch.Tensor:
-        """u_hat_t(z_{t-1}, x) = softmax(block_t logits) @ W_embed, t in 1..T."""
-        logits = self.blocks[t - 1](x, z)  # (B, num_classes)
+        """u_hat_t(z_{t-1}, x) = softmax(block_t logits) @ W_embed, t in 1..T.
+
+        ``block`` runs in place of block t, for a wrapper such as DDP's.
+        """
+        block = self.blocks[t - 1] if block is None else block
+        logits = block(x, z)  # (B, num_classes)
         return F.softmax(logits, dim=1) @ self.embedding.weight  # (B, d)
 
     def initial_z(self, x: torch.Tensor, deterministic: bool) -> torch.Tensor:

@@ -18,11 +18,13 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.data import DatasetInfo, load_dataset, normalize
+from training.distributed import Cluster, Layout, drop_state
 from training.evaluation import accuracy
 from training.finite import nonfinite_gradients, nonfinite_losses
 from training.losses import (
     CT_WEIGHTINGS,
     DEFAULT_ETAS,
+    BlockShare,
     LossTerms,
     loss_and_gradients,
 )
@@ -57,6 +59,7 @@ class TrainConfig:
     dropout: float = 0.2
     solver: str = "euler"  # CT and FM: the ODE solver used for evaluation
     ct_weighting: str = "uniform"  # CT: "uniform" or "elbo" (losses.ct_loss)
+    batched_blocks: bool = False  # DT: all blocks in one vmap call per batch
     seed: int = 0
     train_subset: int = 0  # 0 uses the whole training split
     test_subset: int = 0  # 0 uses the whole test split
@@ -112,10 +115,15 @@ class TrainConfig:
         return cls(**{key: value for key, value in values.items() if key in known})
 
 
-def resolve_device(name: str) -> torch.device:
-    """Map "auto", "cpu" or "cuda[:N]" to a device, rejecting unavailable ones."""
+def resolve_device(name: str, layout: Layout | None = None) -> torch.device:
+    """Map "auto", "cpu" or "cuda[:N]" to a device, rejecting unavailable ones.
+
+    Under torchrun, "auto" and "cuda" mean the GPU of the rank's LOCAL_RANK.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and layout is not None and layout.world_size > 1:
+        name = f"cuda:{layout.local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(
             f"device {name!r} requested but CUDA is not available; use cpu"
@@ -138,10 +146,14 @@ class Trainer:
         data_root: str | os.PathLike | None = None,
         download: bool = False,
         resume: dict | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
         self.output_dir = Path(output_dir)
-        self.device = resolve_device(config.device)
+        self.cluster = cluster or Cluster(Layout())
+        self.layout = self.cluster.layout
+        self.device = resolve_device(config.device, self.layout)
+        self.check_parallel_options()
         torch.manual_seed(config.seed)
 
         self.train_split, self.info = load_dataset(
@@ -165,12 +177,57 @@ class Trainer:
         self.scheduler = self.build_scheduler()
         self.log = TrainingLog(self.output_dir, self.model.num_blocks)
         self.epoch = 0
-        remove_partial_checkpoints(self.checkpoint_path)
+        self.share, self.owned_parameters = self.plan_share()
+        if self.layout.is_main:
+            remove_partial_checkpoints(self.checkpoint_path)
         if resume is not None:
             self.restore(resume)
         elif config.embedding == "prototype":
             images = normalize(self.train_split.images, self.info)
             self.model.embedding.initialize_prototypes(images, self.train_split.labels)
+
+    def check_parallel_options(self) -> None:
+        if self.config.batched_blocks and self.config.variant != "dt":
+            raise TrainingError(
+                f"batched blocks apply to --variant dt, not {self.config.variant!r}"
+            )
+        if not self.cluster.active:
+            return
+        if self.config.variant != "dt":
+            raise TrainingError(
+                f"distributed training supports --variant dt, not "
+                f"{self.config.variant!r}: only NoProp-DT has independent blocks"
+            )
+        if self.config.batched_blocks and self.layout.data_parallel > 1:
+            raise TrainingError(
+                "batched blocks do not combine with data parallelism "
+                f"({self.layout.data_parallel} ranks per block group); "
+                "set --block-groups to the number of ranks"
+            )
+
+    def plan_share(self) -> tuple[BlockShare, list[torch.nn.Parameter]]:
+        """Pick this rank's blocks and the parameters its optimizer updates."""
+        if self.config.variant != "dt":
+            return BlockShare(()), list(self.model.parameters())
+        blocks = self.layout.owned_blocks(self.model.num_blocks)
+        modules = self.cluster.wrap_blocks(self.model, blocks, self.device)
+        share = BlockShare(
+            blocks,
+            head=self.layout.block_group == 0,
+            modules=modules,
+            batched=self.config.batched_blocks,
+        )
+        owned = [p for t in blocks for p in self.model.blocks[t - 1].parameters()]
+        return share, owned + self.shared_parameters
+
+    @property
+    def shared_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters outside the blocks: the classifier and a learned embedding."""
+        return [
+            p
+            for name, p in self.model.named_parameters()
+            if not name.startswith("blocks.")
+        ]
 
     def build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         """Scale the learning rate per epoch: constant, or a cosine decay to 0.
@@ -193,6 +250,7 @@ class Trainer:
         data_root: str | os.PathLike | None = None,
         download: bool = False,
         epochs: int | None = None,
+        cluster: Cluster | None = None,
     ) -> Trainer:
         """Resume the run saved in ``path``, optionally raising its epoch count."""
         checkpoint = load_checkpoint(path)
@@ -200,7 +258,7 @@ class Trainer:
         if epochs is not None:
             config = replace(config, epochs=epochs)
         output_dir = output_dir or Path(path).parent
-        return cls(config, output_dir, data_root, download, resume=checkpoint)
+        return cls(config, output_dir, data_root, download, checkpoint, cluster)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -220,6 +278,7 @@ class Trainer:
             strict=True,
         ):
             group["lr"] = base_lr * factor(epoch)
+        drop_state(self.optimizer, self.owned_parameters)
         self.epoch = checkpoint["epoch"]
         self.log.history = list(checkpoint["history"])
         torch.set_rng_state(checkpoint["rng_state"])
@@ -228,7 +287,7 @@ class Trainer:
         # resumed CUDA run is not promised to be bit-identical.
         if self.device.type == "cuda" and "cuda_rng_state" in checkpoint:
             torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], self.device)
-        if self.log.history:
+        if self.log.history and self.layout.is_main:
             # A kill between saving and writing log.csv leaves it an epoch behind.
             self.log.write_csv()
         logger.info("resumed from epoch %d", self.epoch)
@@ -256,6 +315,14 @@ class Trainer:
         start = time.perf_counter()
         losses = self.train_one_epoch()
         train_seconds = time.perf_counter() - start
+        self.cluster.sync_blocks(self.model)
+        optimizer_state = self.cluster.gather_optimizer_state(
+            self.optimizer, self.owned_parameters
+        )
+        if not self.layout.is_main:
+            self.epoch += 1
+            self.scheduler.step()
+            return {}
 
         start = time.perf_counter()
         metrics = self.evaluate()
@@ -272,7 +339,7 @@ class Trainer:
         self.log.history.append(row)
 
         # The checkpoint goes first, so log.csv never lists an epoch it lacks.
-        self.save()
+        self.save(optimizer_state)
         self.log.write_csv()
         self.log.plot()
         logger.info(
@@ -295,7 +362,7 @@ class Trainer:
         order = torch.randperm(len(self.train_split), generator=generator).to(
             self.device
         )
-        batches = order.split(self.config.batch_size)
+        batches = self.epoch_batches(order)
         totals: dict[str, torch.Tensor] = {}
         progress = tqdm(
             batches,
@@ -303,20 +370,43 @@ class Trainer:
             unit="batch",
             leave=False,
             mininterval=2.0,
+            disable=not self.layout.is_main,
         )
         for step, index in enumerate(progress):
             terms = self.run_step(index, step)
             for name, value in self.loss_fields(terms).items():
                 totals[name] = totals.get(name, 0) + value
-        return {name: float(value) / len(batches) for name, value in totals.items()}
+        return {
+            name: value / len(batches)
+            for name, value in self.cluster.reduce_totals(totals).items()
+        }
+
+    def epoch_batches(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """Split an epoch's order into batches, and each into this rank's slice.
+
+        A last batch too small to give every data rank two images is dropped:
+        batch norm needs two.
+        """
+        batches = order.split(self.config.batch_size)
+        parts = self.layout.data_parallel
+        return [
+            batch.tensor_split(parts)[self.layout.data_rank]
+            for batch in batches
+            if len(batch) >= 2 * parts
+        ]
 
     def run_step(self, index: torch.Tensor, step: int) -> LossTerms:
         x = normalize(self.train_split.images[index], self.info)  # (B, C, H, W)
         labels = self.train_split.labels[index]  # (B,)
+        global_step = self.epoch * self.batches_per_epoch + step
+        # The noise of a step depends on the run's seed, the step and the data
+        # rank, never on which rank owns a block.
+        step_key = (self.config.seed, global_step, self.layout.data_rank)
+        share = replace(self.share, step_key=step_key)
 
         self.optimizer.zero_grad(set_to_none=True)
         terms = loss_and_gradients(
-            self.model, x, labels, self.config.eta, self.config.ct_weighting
+            self.model, x, labels, self.config.eta, self.config.ct_weighting, share
         )
         self.check_finite(terms, step)
         self.optimizer.step()
@@ -329,16 +419,26 @@ class Trainer:
     def check_finite(self, terms: LossTerms, step: int) -> None:
         """Stop the run before a NaN or infinity reaches the weights.
 
-        ``step`` is the 0-based batch index in the current epoch.
+        ``step`` is the 0-based batch index in the current epoch. Under
+        torch.distributed this also sums the shared parameters' gradients, and
+        every rank stops when any rank finds a non-finite value.
         """
         bad_losses = nonfinite_losses(terms)
+        bad_gradients = [] if bad_losses else nonfinite_gradients(self.model)
+        failed_ranks = self.cluster.reduce_shared_gradients(
+            self.shared_parameters, bool(bad_losses or bad_gradients)
+        )
+        if failed_ranks and not (bad_losses or bad_gradients):
+            raise TrainingError(
+                f"rank(s) {failed_ranks} found non-finite losses or gradients at "
+                f"{self.describe_step(step)}; see their errors"
+            )
         if bad_losses:
             raise TrainingError(
                 f"non-finite loss at {self.describe_step(step)}: "
                 f"{', '.join(bad_losses)}. The weights were not updated. "
                 "Lower --lr or --eta, or check the data"
             )
-        bad_gradients = nonfinite_gradients(self.model)
         if bad_gradients:
             raise TrainingError(
                 f"non-finite gradients at {self.describe_step(step)} in "
@@ -374,7 +474,7 @@ class Trainer:
             ),
         }
 
-    def save(self) -> Path:
+    def save(self, optimizer_state: dict | None = None) -> Path:
         last = self.log.history[-1]
         contents = {
             "train_config": asdict(self.config),
@@ -382,7 +482,7 @@ class Trainer:
             "dataset": self.info.to_dict(),
             "schedule": self.model.schedule_record(),
             "model_state": self.model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
+            "optimizer_state": optimizer_state or self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "history": self.log.history,
