@@ -323,12 +323,14 @@ def train(args: argparse.Namespace, cluster: Cluster) -> int:
 
 def lost_rank_message(error: Exception, trainer: Trainer | None) -> str:
     """Explain that the run lost a rank, and how to resume it."""
-    where = "the checkpoint"
-    if trainer is not None:
-        where = str(trainer.checkpoint_path)
-    return (
+    stopped = (
         f"the distributed run stopped ({type(error).__name__}: {error}), most "
-        "likely because another rank failed or was killed. The last finished "
-        f"epoch is in {where}; resume with the same torchrun command and "
-        f"--resume {where}"
+        "likely because another rank failed or was killed."
+    )
+    if trainer is None or not trainer.checkpoint_path.is_file():
+        return f"{stopped} No epoch had finished, so there is no checkpoint to resume"
+    where = trainer.checkpoint_path
+    return (
+        f"{stopped} The last finished epoch is in {where}; resume with the same "
+        f"torchrun command and --resume {where}"
     )

@@ -293,7 +293,10 @@ class Trainer:
         logger.info("resumed from epoch %d", self.epoch)
 
     def run(self) -> dict:
-        """Train until ``config.epochs`` and return the last epoch's log row."""
+        """Train until ``config.epochs`` and return the last epoch's log row.
+
+        Ranks other than 0 return an empty row.
+        """
         logger.info(
             "training %s on %s: %d train / %d test images, %d epochs, device %s",
             self.config.variant,
@@ -309,7 +312,9 @@ class Trainer:
             )
         while self.epoch < self.config.epochs:
             self.run_epoch()
-        return self.log.history[-1] if self.log.history else {}
+        if not (self.log.history and self.layout.is_main):
+            return {}
+        return self.log.history[-1]
 
     def run_epoch(self) -> dict:
         start = time.perf_counter()
