@@ -1,8 +1,11 @@
 """Compare NoProp-DT with back-propagation: training speed and peak memory.
 
-Both methods train the same blocks on the same real images, with the same
-batch size, in one run of this script. Each method runs in a fresh child
-process so that its peak memory is its own:
+Three methods train the same blocks on the same real images, with the same
+batch size, in one run of this script: NoProp-DT block by block ("dt"),
+NoProp-DT with every block's loss in one batched torch.func call
+("dt-batched", training/batched.py) and back-propagation ("backprop"). Both
+NoProp-DT methods add the classifier's cross-entropy and the KL term. Each
+method runs in a fresh child process so that its peak memory is its own:
 
     python benchmarks/train_memory_speed.py --data-root DIR --steps 40
 
@@ -25,12 +28,18 @@ import time
 
 import torch
 
+from training.batched import batched_denoising_mse
 from training.data import load_dataset, normalize
-from training.losses import loss_and_gradients
+from training.losses import DEFAULT_ETA, head_loss, loss_and_gradients, sample_z
 from training.model import ModelConfig, NoPropNet
 from training.trainer import resolve_device
 
-METHODS = ("dt", "backprop")
+METHODS = ("dt", "dt-batched", "backprop")
+METHOD_NAMES = {
+    "dt": "NoProp-DT, block loop",
+    "dt-batched": "NoProp-DT, batched blocks",
+    "backprop": "back-propagation",
+}
 
 
 def current_rss_bytes() -> int:
@@ -43,12 +52,32 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def dt_batched_step(
+    model: NoPropNet, x: torch.Tensor, labels: torch.Tensor, eta: float = DEFAULT_ETA
+) -> None:
+    """Accumulate the gradients of noprop_dt_step's loss with one batched call.
+
+    z_{t-1} comes from sample_z for every block at once, and the head loss is
+    the one that noprop_dt_step adds, so both NoProp-DT methods do the same work.
+    """
+    num_blocks = model.num_blocks
+    u_y = model.embedding(labels)  # (B, d)
+    alpha_bar = model.alpha_bar[:num_blocks, None, None]  # (T, 1, 1)
+    z_prev = sample_z(alpha_bar, u_y.expand(num_blocks, -1, -1)).detach()  # (T, B, d)
+    blocks = range(1, num_blocks + 1)
+    mse = batched_denoising_mse(model, blocks, x, u_y, z_prev)  # (T,)
+    weights = model.schedule.snr_delta.to(mse)  # (T,)
+    cross_entropy, kl = head_loss(model, labels)
+    (0.5 * eta * (weights * mse).sum() + cross_entropy + kl).backward()
+
+
 def measure(args: argparse.Namespace) -> dict:
     """Train ``args.method`` for ``args.steps`` batches and return speed and memory."""
     torch.manual_seed(0)
     device = resolve_device(args.device)
     split, info = load_dataset(args.dataset, args.data_root, train=True)
-    config = ModelConfig(info.image_shape, len(info.class_names), variant=args.method)
+    variant = "dt" if args.method == "dt-batched" else args.method
+    config = ModelConfig(info.image_shape, len(info.class_names), variant=variant)
     model = NoPropNet(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-3)
     order = torch.randperm(len(split))
@@ -58,8 +87,12 @@ def measure(args: argparse.Namespace) -> dict:
 
     def train_step(index: torch.Tensor) -> None:
         x = normalize(split.images[index].to(device), info)
+        labels = split.labels[index].to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss_and_gradients(model, x, split.labels[index].to(device))
+        if args.method == "dt-batched":
+            dt_batched_step(model, x, labels)
+        else:
+            loss_and_gradients(model, x, labels)
         optimizer.step()
 
     if device.type == "cuda":
@@ -68,12 +101,13 @@ def measure(args: argparse.Namespace) -> dict:
     for index in batches[: args.warmup]:
         train_step(index)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for index in batches[args.warmup :]:
         train_step(index)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
@@ -82,8 +116,15 @@ def measure(args: argparse.Namespace) -> dict:
     return {
         "method": args.method,
         "images_per_second": args.steps * args.batch_size / seconds,
+        "seconds_per_step": seconds / args.steps,
+        # CPU time of all this process's threads: less sensitive than wall time
+        # to other processes that share the CPUs.
+        "cpu_seconds_per_step": cpu_seconds / args.steps,
         "peak_memory_bytes": peak,
         "seconds": seconds,
+        # Runnable threads on the machine, averaged over the last minute: above
+        # the core count, other processes were slowing this one down.
+        "load_average": os.getloadavg()[0],
     }
 
 
@@ -113,28 +154,48 @@ def describe_machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def divide_results(
+    results: dict[str, dict], key: str, numerator: str, denominator: str
+) -> float:
+    return results[numerator][key] / results[denominator][key]
+
+
 def report(results: dict[str, dict], args: argparse.Namespace) -> str:
-    noprop, backprop = results["dt"], results["backprop"]
-    speed_ratio = noprop["images_per_second"] / backprop["images_per_second"]
-    memory_ratio = noprop["peak_memory_bytes"] / backprop["peak_memory_bytes"]
     lines = [
         f"machine: {describe_machine()}, device {args.device}",
         f"data: {args.dataset}, batch {args.batch_size}, {args.steps} timed steps "
         f"after {args.warmup} warm-up steps, T = 10 blocks",
         "",
-        "| method | images/s | peak memory (MiB) |",
-        "| --- | --- | --- |",
+        "| method | images/s | ms per step | CPU ms per step | peak memory (MiB) "
+        "| load average (1 min) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for method, name in (("dt", "NoProp-DT"), ("backprop", "back-propagation")):
+    for method in METHODS:
         result = results[method]
         lines.append(
-            f"| {name} | {result['images_per_second']:.1f} | "
-            f"{result['peak_memory_bytes'] / 2**20:.0f} |"
+            f"| {METHOD_NAMES[method]} | {result['images_per_second']:.1f} | "
+            f"{result['seconds_per_step'] * 1000:.0f} | "
+            f"{result['cpu_seconds_per_step'] * 1000:.0f} | "
+            f"{result['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{result['load_average']:.1f} |"
         )
+    seconds, cpu, memory = (
+        "seconds_per_step",
+        "cpu_seconds_per_step",
+        "peak_memory_bytes",
+    )
     lines += [
         "",
-        f"time per epoch, NoProp-DT / backprop: {1 / speed_ratio:.2f}x",
-        f"peak memory, NoProp-DT / backprop: {memory_ratio:.2f}x (target < 1x)",
+        "time per step, NoProp-DT loop / backprop: "
+        f"{divide_results(results, seconds, 'dt', 'backprop'):.2f}x",
+        "peak memory, NoProp-DT loop / backprop: "
+        f"{divide_results(results, memory, 'dt', 'backprop'):.2f}x (target < 1x)",
+        "time per step, NoProp-DT batched / loop: "
+        f"{divide_results(results, seconds, 'dt-batched', 'dt'):.2f}x",
+        "CPU time per step, NoProp-DT batched / loop: "
+        f"{divide_results(results, cpu, 'dt-batched', 'dt'):.2f}x",
+        "peak memory, NoProp-DT batched / loop: "
+        f"{divide_results(results, memory, 'dt-batched', 'dt'):.2f}x",
     ]
     return "\n".join(lines)
 
