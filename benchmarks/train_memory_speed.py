@@ -28,9 +28,8 @@ import time
 
 import torch
 
-from training.batched import batched_denoising_mse
 from training.data import load_dataset, normalize
-from training.losses import DEFAULT_ETA, head_loss, loss_and_gradients, sample_z
+from training.losses import BlockShare, loss_and_gradients
 from training.model import ModelConfig, NoPropNet
 from training.trainer import resolve_device
 
@@ -52,25 +51,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def dt_batched_step(
-    model: NoPropNet, x: torch.Tensor, labels: torch.Tensor, eta: float = DEFAULT_ETA
-) -> None:
-    """Accumulate the gradients of noprop_dt_step's loss with one batched call.
-
-    z_{t-1} comes from sample_z for every block at once, and the head loss is
-    the one that noprop_dt_step adds, so both NoProp-DT methods do the same work.
-    """
-    num_blocks = model.num_blocks
-    u_y = model.embedding(labels)  # (B, d)
-    alpha_bar = model.alpha_bar[:num_blocks, None, None]  # (T, 1, 1)
-    z_prev = sample_z(alpha_bar, u_y.expand(num_blocks, -1, -1)).detach()  # (T, B, d)
-    blocks = range(1, num_blocks + 1)
-    mse = batched_denoising_mse(model, blocks, x, u_y, z_prev)  # (T,)
-    weights = model.schedule.snr_delta.to(mse)  # (T,)
-    cross_entropy, kl = head_loss(model, labels)
-    (0.5 * eta * (weights * mse).sum() + cross_entropy + kl).backward()
-
-
 def measure(args: argparse.Namespace) -> dict:
     """Train ``args.method`` for ``args.steps`` batches and return speed and memory."""
     torch.manual_seed(0)
@@ -79,6 +59,9 @@ def measure(args: argparse.Namespace) -> dict:
     variant = "dt" if args.method == "dt-batched" else args.method
     config = ModelConfig(info.image_shape, len(info.class_names), variant=variant)
     model = NoPropNet(config).to(device).train()
+    share = BlockShare.whole(model.num_blocks)
+    if args.method == "dt-batched":
+        share = BlockShare(share.blocks, batched=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-3)
     order = torch.randperm(len(split))
     batches = order[: (args.steps + args.warmup) * args.batch_size].split(
@@ -89,10 +72,7 @@ def measure(args: argparse.Namespace) -> dict:
         x = normalize(split.images[index].to(device), info)
         labels = split.labels[index].to(device)
         optimizer.zero_grad(set_to_none=True)
-        if args.method == "dt-batched":
-            dt_batched_step(model, x, labels)
-        else:
-            loss_and_gradients(model, x, labels)
+        loss_and_gradients(model, x, labels, share=share)
         optimizer.step()
 
     if device.type == "cuda":

@@ -82,6 +82,10 @@ class TrainConfig:
                 )
         if self.eta is None:
             object.__setattr__(self, "eta", DEFAULT_ETAS[self.variant])
+        if self.batched_blocks and self.variant != "dt":
+            raise TrainingError(
+                f"batched blocks apply to variant 'dt', not {self.variant!r}"
+            )
         positive = ("epochs", "batch_size", "num_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -187,10 +191,6 @@ class Trainer:
             self.model.embedding.initialize_prototypes(images, self.train_split.labels)
 
     def check_parallel_options(self) -> None:
-        if self.config.batched_blocks and self.config.variant != "dt":
-            raise TrainingError(
-                f"batched blocks apply to --variant dt, not {self.config.variant!r}"
-            )
         if not self.cluster.active:
             return
         if self.config.variant != "dt":

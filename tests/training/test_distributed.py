@@ -266,6 +266,18 @@ def test_torchrun_block_and_data_parallel_combine(
     assert first["metrics"]["test_accuracy"] > 0.3
 
 
+def test_torchrun_batched_blocks_learn_on_each_rank(
+    data_root: Path, tmp_path: Path
+) -> None:
+    options = [*RUN_OPTIONS, "--data-root", str(data_root), "--batched-blocks"]
+
+    checkpoint = trained(torchrun(2, options, tmp_path), tmp_path)
+
+    assert checkpoint["train_config"]["batched_blocks"] is True
+    assert checkpoint["metrics"]["test_accuracy"] > 0.3
+    assert all(checkpoint["history"][0][f"block_{t}_mse"] > 0 for t in range(1, 5))
+
+
 def test_torchrun_rejects_block_groups_that_do_not_divide_ranks(
     data_root: Path, tmp_path: Path
 ) -> None:
