@@ -117,7 +117,7 @@ def child_arguments(args: argparse.Namespace) -> list[str]:
 
 
 def epoch_seconds(result: dict, steps_per_epoch: int) -> float:
-    """The slowest rank's time for a full epoch, with the end-of-epoch sync."""
+    """Return the slowest rank's time for a full epoch, with the end-of-epoch sync."""
     return max(
         rank["seconds_per_step"] * steps_per_epoch + rank["sync_seconds"]
         for rank in result["ranks"]

@@ -109,7 +109,7 @@ class Layout:
         return self.group_blocks(self.block_group, num_blocks)
 
     def owner(self, t: int, num_blocks: int) -> int:
-        """The rank that broadcasts block t: data rank 0 of its block group."""
+        """Return the rank that broadcasts block t: data rank 0 of its block group."""
         for group in range(self.block_groups):
             if t in self.group_blocks(group, num_blocks):
                 return group * self.data_parallel
@@ -133,6 +133,8 @@ class Cluster:
         cluster = cls(layout)
         if not cluster.active:
             return cluster
+        # NOTE: only gloo on CPU has run; the NCCL path (one rank per GPU) is
+        # untested for lack of a GPU.
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         # Every rank creates every data group, in the same order, as new_group needs.
@@ -206,7 +208,7 @@ class Cluster:
         """Sum per-rank epoch totals of the losses, averaged over data ranks."""
         if not totals:
             return {}
-        names = sorted(totals)
+        names = list(totals)  # the same order on every rank
         values = torch.stack([torch.as_tensor(totals[n]).float().cpu() for n in names])
         if self.active:
             dist.all_reduce(values)

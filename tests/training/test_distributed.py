@@ -225,7 +225,8 @@ def test_torchrun_checkpoint_loads_exports_and_classifies(
 ) -> None:
     result, checkpoint = block_parallel_run
     path = Path(result.stdout.split("checkpoint ")[-1].strip())
-    assert checkpoint["epoch"] == 1 and path.is_file()
+    assert checkpoint["epoch"] == 1
+    assert path.is_file()
 
     report = export_checkpoint(
         path, tmp_path / "model.onnx", data_root=data_root, verify_images=200
@@ -278,7 +279,7 @@ def test_torchrun_batched_blocks_learn_on_each_rank(
     assert all(checkpoint["history"][0][f"block_{t}_mse"] > 0 for t in range(1, 5))
 
 
-def test_torchrun_rejects_block_groups_that_do_not_divide_ranks(
+def test_torchrun_rejects_indivisible_block_groups(
     data_root: Path, tmp_path: Path
 ) -> None:
     options = [*RUN_OPTIONS, "--data-root", str(data_root), "--block-groups", "3"]
@@ -305,7 +306,7 @@ def child_pids(parent: int) -> list[int]:
     return children
 
 
-def test_killed_rank_stops_the_run_and_the_checkpoint_resumes(
+def test_killed_rank_stops_run_with_resumable_checkpoint(
     data_root: Path, tmp_path: Path
 ) -> None:
     options = [*RUN_OPTIONS, "--data-root", str(data_root), "--epochs", "3"]
