@@ -119,8 +119,10 @@ class Layout:
 class Cluster:
     """The process group of a run, or a stand-in whose collectives do nothing."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, device: torch.device | None = None) -> None:
         self.layout = layout
+        # Where collectives put their tensors: NCCL reduces only CUDA tensors.
+        self.device = device or torch.device("cpu")
         self.data_group: dist.ProcessGroup | None = None
 
     @property
@@ -130,7 +132,7 @@ class Cluster:
     @classmethod
     def start(cls, layout: Layout, device: torch.device) -> Cluster:
         """Join the run's process group: gloo on CPU, NCCL on CUDA."""
-        cluster = cls(layout)
+        cluster = cls(layout, device)
         if not cluster.active:
             return cluster
         # NOTE: only gloo on CPU has run; the NCCL path (one rank per GPU) is
@@ -188,13 +190,12 @@ class Cluster:
         Also shares each rank's ``failed`` flag (a non-finite loss or gradient)
         and returns the ranks that raised it, so that all ranks stop together.
         """
-        flag = torch.zeros(self.layout.world_size)
-        flag[self.layout.rank] = float(failed)
         if not self.active:
             return [0] if failed else []
+        flag = torch.zeros(self.layout.world_size, device=self.device)
+        flag[self.layout.rank] = float(failed)
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in parameters]
-        device = grads[0].device if grads else torch.device("cpu")
-        flat = torch.cat([g.flatten() for g in grads] + [flag.to(device)])
+        flat = torch.cat([g.flatten() for g in grads] + [flag])
         dist.all_reduce(flat)
         offset = 0
         for parameter, grad in zip(parameters, grads, strict=True):
@@ -209,8 +210,9 @@ class Cluster:
         if not totals:
             return {}
         names = list(totals)  # the same order on every rank
-        values = torch.stack([torch.as_tensor(totals[n]).float().cpu() for n in names])
+        values = torch.stack([torch.as_tensor(totals[n]).float() for n in names])
         if self.active:
+            values = values.to(self.device)
             dist.all_reduce(values)
             values /= self.layout.data_parallel
         return dict(zip(names, values.tolist(), strict=True))

@@ -291,19 +291,20 @@ def test_torchrun_rejects_indivisible_block_groups(
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def child_pids(parent: int) -> list[int]:
-    """The processes whose parent is ``parent``, read from /proc."""
-    children = []
+def rank_pids(launcher: int) -> list[int]:
+    """The ``python -m training`` processes that ``launcher`` started, from /proc."""
+    ranks = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(fields[1]) == parent:
-            children.append(int(entry.name))
-    return children
+        if int(fields[1]) == launcher and b"training" in command:
+            ranks.append(int(entry.name))
+    return sorted(ranks)
 
 
 def test_killed_rank_stops_run_with_resumable_checkpoint(
@@ -325,7 +326,7 @@ def test_killed_rank_stops_run_with_resumable_checkpoint(
             assert launcher.poll() is None, launcher.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no checkpoint was written"
             time.sleep(0.2)
-        ranks = sorted(child_pids(launcher.pid))
+        ranks = rank_pids(launcher.pid)
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGKILL)
         _, stderr = launcher.communicate(timeout=120)
