@@ -8,7 +8,6 @@ import signal
 import sys
 
 import torch
-import torch.distributed as dist
 
 from training.checkpoint import CheckpointError
 from training.data import DATA_ROOT_ENV, LOADERS, DatasetError
@@ -168,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         default=None,
         help="continue the run saved in this checkpoint; its options win "
-        "over the ones given here, except --epochs and --output-dir",
+        "over the ones given here, except --epochs, --output-dir, "
+        "--batched-blocks and the parallelism of the launch",
     )
     run.add_argument("--device", default=DEFAULTS.device, help="auto, cpu or cuda[:N]")
     run.add_argument(
@@ -231,6 +231,8 @@ class RankStopped(Exception):
 
 
 def stop_on_sigterm(signum: int, frame: object) -> None:
+    # torchrun may send SIGTERM again while this one unwinds; ignore the repeats.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise RankStopped(f"signal {signal.Signals(signum).name}")
 
 
@@ -284,6 +286,7 @@ def train(args: argparse.Namespace, cluster: Cluster) -> int:
                 args.download,
                 getattr(args, "epochs", None),
                 cluster,
+                args.batched_blocks,
             )
         else:
             output_dir = args.output_dir or "runs/noprop"
@@ -305,13 +308,18 @@ def train(args: argparse.Namespace, cluster: Cluster) -> int:
     ) as error:
         print(f"error: {rank}{error}", file=sys.stderr)
         return 2
-    except (RankStopped, dist.DistError) as error:
+    except RankStopped as error:
+        print(f"error: {rank}{stopped_message(error, trainer)}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        # gloo reports a lost peer as a plain RuntimeError.
+        if not cluster.active:
+            raise
         print(f"error: {rank}{lost_rank_message(error, trainer)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(
-            "interrupted; the last finished epoch is in the checkpoint", file=sys.stderr
-        )
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"{rank}interrupted. {resume_hint(trainer)}", file=sys.stderr)
         return 130
     if row:
         print(
@@ -322,16 +330,29 @@ def train(args: argparse.Namespace, cluster: Cluster) -> int:
     return 0
 
 
+def stopped_message(error: RankStopped, trainer: Trainer | None) -> str:
+    """Explain that this rank got SIGTERM, and how to resume the run."""
+    return (
+        f"stopped by {error}. torchrun sends it to every rank when one rank "
+        f"fails or the run is interrupted. {resume_hint(trainer)}"
+    )
+
+
 def lost_rank_message(error: Exception, trainer: Trainer | None) -> str:
     """Explain that the run lost a rank, and how to resume it."""
-    stopped = (
-        f"the distributed run stopped ({type(error).__name__}: {error}), most "
-        "likely because another rank failed or was killed."
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (
+        f"lost contact with another rank, which most likely failed or was "
+        f"killed ({type(error).__name__}: {first_line}). {resume_hint(trainer)}"
     )
+
+
+def resume_hint(trainer: Trainer | None) -> str:
+    """Say where the last finished epoch is and how to continue from it."""
     if trainer is None or not trainer.checkpoint_path.is_file():
-        return f"{stopped} No epoch had finished, so there is no checkpoint to resume"
+        return "No epoch had finished, so there is no checkpoint to resume"
     where = trainer.checkpoint_path
     return (
-        f"{stopped} The last finished epoch is in {where}; resume with the same "
-        f"torchrun command and --resume {where}"
+        f"The last finished epoch is in {where}; resume with the same command "
+        f"and --resume {where}"
     )

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 # How long a rank waits in a collective for the others: long enough for rank 0
 # to evaluate and write a checkpoint while the rest wait.
+# NOTE: a rank that hangs without dying (stopped, or stuck on I/O) holds the
+# others for this long before they fail; torchrun only notices dead ranks.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -55,6 +57,12 @@ class Layout:
     block_groups: int = 1
 
     def __post_init__(self) -> None:
+        if self.world_size == 1 and self.block_groups > 1:
+            raise DistributedError(
+                f"--block-groups {self.block_groups} needs as many ranks or more, "
+                "but this process runs alone; start it with torchrun "
+                f"--nproc-per-node {self.block_groups} -m training ..."
+            )
         if self.block_groups < 1 or self.world_size % self.block_groups:
             divisors = [
                 n for n in range(1, self.world_size + 1) if self.world_size % n == 0
@@ -98,8 +106,9 @@ class Layout:
         """The 1-based blocks of block group ``group``: a contiguous, even split."""
         if num_blocks < self.block_groups:
             raise DistributedError(
-                f"{self.block_groups} block groups need at least as many blocks, "
-                f"but the model has {num_blocks}; lower --block-groups or raise --steps"
+                f"{self.block_groups} block groups (--block-groups, by default one "
+                f"per rank) need at least as many blocks, but the model has "
+                f"{num_blocks}; lower --block-groups or raise --steps"
             )
         start = group * num_blocks // self.block_groups
         stop = (group + 1) * num_blocks // self.block_groups

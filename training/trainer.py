@@ -84,7 +84,8 @@ class TrainConfig:
             object.__setattr__(self, "eta", DEFAULT_ETAS[self.variant])
         if self.batched_blocks and self.variant != "dt":
             raise TrainingError(
-                f"batched blocks apply to variant 'dt', not {self.variant!r}"
+                f"batched blocks (--batched-blocks) apply to variant 'dt' only, "
+                f"not {self.variant!r}"
             )
         positive = ("epochs", "batch_size", "num_steps")
         for name in positive:
@@ -251,12 +252,19 @@ class Trainer:
         download: bool = False,
         epochs: int | None = None,
         cluster: Cluster | None = None,
+        batched_blocks: bool | None = None,
     ) -> Trainer:
-        """Resume the run saved in ``path``, optionally raising its epoch count."""
+        """Resume the run saved in ``path``, optionally raising its epoch count.
+
+        ``batched_blocks`` changes how the blocks are computed, not the model,
+        so a resumed run may turn it on or off.
+        """
         checkpoint = load_checkpoint(path)
         config = TrainConfig.from_dict(checkpoint["train_config"])
         if epochs is not None:
             config = replace(config, epochs=epochs)
+        if batched_blocks is not None:
+            config = replace(config, batched_blocks=batched_blocks)
         output_dir = output_dir or Path(path).parent
         return cls(config, output_dir, data_root, download, checkpoint, cluster)
 

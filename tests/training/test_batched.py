@@ -248,7 +248,7 @@ def test_batched_rejects_mixed_train_and_eval_blocks():
 
 
 def test_train_config_rejects_batched_blocks_outside_dt():
-    with pytest.raises(TrainingError, match="batched blocks apply to variant 'dt'"):
+    with pytest.raises(TrainingError, match="apply to variant 'dt' only, not 'fm'"):
         TrainConfig(variant="fm", batched_blocks=True)
 
 
@@ -270,3 +270,10 @@ def test_trainer_with_batched_blocks_learns_real_mnist(data_root: Path, tmp_path
     checkpoint = load_checkpoint(trainer.checkpoint_path)
     assert checkpoint["train_config"]["batched_blocks"] is True
     assert all(row[f"block_{t}_mse"] > 0 for t in (1, 2, 3))
+
+    # Batching changes the computation, not the model, so a resume may drop it.
+    resumed = Trainer.from_checkpoint(
+        trainer.checkpoint_path, data_root=data_root, epochs=2, batched_blocks=False
+    )
+    assert resumed.config.batched_blocks is False
+    assert resumed.run()["epoch"] == 2

@@ -16,6 +16,7 @@ import torch
 
 from export import export_checkpoint
 from training.checkpoint import load_checkpoint
+from training.cli import lost_rank_message
 from training.data import load_dataset
 from training.distributed import Cluster, DistributedError, Layout
 from training.losses import BlockShare, noprop_dt_step
@@ -121,8 +122,13 @@ def test_layout_rejects_groups_that_do_not_divide_the_ranks() -> None:
 
 
 def test_layout_rejects_more_groups_than_blocks() -> None:
-    with pytest.raises(DistributedError, match="4 block groups need at least"):
+    with pytest.raises(DistributedError, match=r"4 block groups \(--block-groups"):
         Layout(world_size=4, block_groups=4).owned_blocks(3)
+
+
+def test_layout_rejects_block_groups_without_torchrun() -> None:
+    with pytest.raises(DistributedError, match="this process runs alone"):
+        Layout(world_size=1, block_groups=2)
 
 
 def test_layout_reads_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,7 +341,11 @@ def test_killed_rank_stops_run_with_resumable_checkpoint(
         launcher.wait()
 
     assert launcher.returncode != 0
-    assert "rank 0: the distributed run stopped" in stderr
+    # Rank 0 either loses its connection to rank 1 or gets torchrun's SIGTERM.
+    assert "error: rank 0: " in stderr
+    assert ("lost contact with another rank" in stderr) or (
+        "stopped by signal SIGTERM" in stderr
+    )
     assert f"--resume {tmp_path / 'checkpoint.pt'}" in stderr
     assert "exitcode  : -9" in stderr  # torchrun names the killed rank
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] in (1, 2)
@@ -344,3 +354,16 @@ def test_killed_rank_stops_run_with_resumable_checkpoint(
     resumed = trained(torchrun(2, [*resume, str(data_root)], tmp_path), tmp_path)
     assert resumed["epoch"] == 3
     assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
+
+
+def test_lost_rank_message_quotes_error_and_resume_state() -> None:
+    error = RuntimeError("[pair.cc:545] Read error: Connection reset by peer\nGLHF")
+
+    message = lost_rank_message(error, trainer=None)
+
+    assert message.startswith("lost contact with another rank")
+    assert "Connection reset by peer)" in message
+    assert "GLHF" not in message
+    assert message.endswith(
+        "No epoch had finished, so there is no checkpoint to resume"
+    )
