@@ -21,7 +21,7 @@ copied back into each block.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,21 +94,14 @@ def training_mode(modules: Sequence[nn.Module]) -> bool:
     return modes.pop()
 
 
-def stack_parameters(modules: Sequence[nn.Module]) -> TensorDict:
-    """Stack each parameter across modules, (K, *shape), inside the autograd graph."""
-    per_module = [dict(module.named_parameters()) for module in modules]
+def stack_named(
+    modules: Sequence[nn.Module],
+    named: Callable[[nn.Module], Iterator[tuple[str, torch.Tensor]]],
+) -> TensorDict:
+    """Stack each tensor that ``named`` lists across modules, (K, *shape)."""
+    per_module = [dict(named(module)) for module in modules]
     return {
-        name: torch.stack([params[name] for params in per_module])
-        for name in per_module[0]
-    }
-
-
-@torch.no_grad()
-def stack_buffers(modules: Sequence[nn.Module]) -> TensorDict:
-    """Stack each buffer across modules into a new tensor, (K, *shape)."""
-    per_module = [dict(module.named_buffers()) for module in modules]
-    return {
-        name: torch.stack([buffers[name] for buffers in per_module])
+        name: torch.stack([tensors[name] for tensors in per_module])
         for name in per_module[0]
     }
 
@@ -132,8 +125,11 @@ def batched_logits(
     modules = [model.blocks[t - 1] for t in blocks]
     template = template_block(model)
     template.train(training_mode(modules))
-    params = stack_parameters(modules)
-    buffers = stack_buffers(modules)
+    # Parameters are stacked inside the autograd graph, so backward reaches each
+    # block's own. Buffers are new tensors, written back after the call.
+    params = stack_named(modules, nn.Module.named_parameters)
+    with torch.no_grad():
+        buffers = stack_named(modules, nn.Module.named_buffers)
 
     def run_block(
         params: TensorDict, buffers: TensorDict, z: torch.Tensor

@@ -7,8 +7,8 @@ per process (and per GPU):
 
     torchrun --nproc-per-node 2 -m training --block-groups 2 ...
 
-The world is split into ``block_groups`` groups of ``data_parallel`` ranks each;
-rank r is in block group r // data_parallel and has data rank
+The world is split into ``block_groups`` groups of ``data_parallel`` ranks
+each. Rank r is in block group r // data_parallel and has data rank
 r % data_parallel. A block group owns a contiguous run of blocks and their
 optimizer state. Within a group, DistributedDataParallel averages the owned
 blocks' gradients over the data ranks, each of which takes its own slice of
@@ -38,8 +38,9 @@ logger = logging.getLogger(__name__)
 
 # How long a rank waits in a collective for the others: long enough for rank 0
 # to evaluate and write a checkpoint while the rest wait.
-# NOTE: a rank that hangs without dying (stopped, or stuck on I/O) holds the
-# others for this long before they fail; torchrun only notices dead ranks.
+# NOTE: a rank that hangs without dying (stopped, or stuck on I/O) keeps the
+# others waiting this long before they fail, because torchrun notices only
+# dead ranks.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -49,7 +50,7 @@ class DistributedError(Exception):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where this process sits among the ranks of a run."""
+    """The position of this process among the ranks of a run."""
 
     world_size: int = 1
     rank: int = 0
@@ -103,7 +104,7 @@ class Layout:
         return self.rank == 0
 
     def group_blocks(self, group: int, num_blocks: int) -> tuple[int, ...]:
-        """The 1-based blocks of block group ``group``: a contiguous, even split."""
+        """Return the 1-based blocks of block group ``group``, a contiguous run."""
         if num_blocks < self.block_groups:
             raise DistributedError(
                 f"{self.block_groups} block groups (--block-groups, by default one "

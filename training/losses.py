@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.batched import batched_denoising_mse
 from training.continuous import FM_PATH_NOISE, ContinuousNoPropNet
 from training.model import NoPropNet
 
@@ -178,8 +179,6 @@ def batched_block_losses(
 
     Fills ``weighted`` and ``block_mse`` (T,) at the blocks' positions.
     """
-    from training.batched import batched_denoising_mse
-
     u_y = model.embedding(labels)  # (B, d)
     z_prev = []
     for t in share.blocks:

@@ -332,23 +332,22 @@ class Trainer:
         optimizer_state = self.cluster.gather_optimizer_state(
             self.optimizer, self.owned_parameters
         )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
+        self.epoch += 1
+        self.scheduler.step()
         if not self.layout.is_main:
-            self.epoch += 1
-            self.scheduler.step()
             return {}
 
         start = time.perf_counter()
         metrics = self.evaluate()
         row = {
-            "epoch": self.epoch + 1,
+            "epoch": self.epoch,
             **losses,
             **metrics,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "train_seconds": train_seconds,
             "eval_seconds": time.perf_counter() - start,
         }
-        self.epoch += 1
-        self.scheduler.step()
         self.log.history.append(row)
 
         # The checkpoint goes first, so log.csv never lists an epoch it lacks.
@@ -487,7 +486,7 @@ class Trainer:
             ),
         }
 
-    def save(self, optimizer_state: dict | None = None) -> Path:
+    def save(self, optimizer_state: dict) -> Path:
         last = self.log.history[-1]
         contents = {
             "train_config": asdict(self.config),
@@ -495,7 +494,7 @@ class Trainer:
             "dataset": self.info.to_dict(),
             "schedule": self.model.schedule_record(),
             "model_state": self.model.state_dict(),
-            "optimizer_state": optimizer_state or self.optimizer.state_dict(),
+            "optimizer_state": optimizer_state,
             "scheduler_state": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "history": self.log.history,

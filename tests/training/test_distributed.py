@@ -111,10 +111,11 @@ def test_layout_splits_blocks_into_disjoint_contiguous_runs(
     )
     for t in range(1, 11):
         owner = layouts[layouts[0].owner(t, 10)]
-        assert owner.data_rank == 0 and t in owner.owned_blocks(10)
+        assert owner.data_rank == 0
+        assert t in owner.owned_blocks(10)
 
 
-def test_layout_rejects_groups_that_do_not_divide_the_ranks() -> None:
+def test_layout_rejects_indivisible_block_groups() -> None:
     with pytest.raises(
         DistributedError, match=r"--block-groups 3 .* 4; accepted: \[1, 2, 4\]"
     ):
@@ -155,7 +156,7 @@ def test_trainer_rejects_distributed_ct_before_any_collective(
 # --- a share of the blocks, in one process ---
 
 
-def test_block_share_gives_its_blocks_the_whole_step_gradients() -> None:
+def test_block_share_matches_whole_step_gradients() -> None:
     """Blocks computed apart get the same losses and gradients as in one step."""
     config = ModelConfig((1, 28, 28), num_classes=10, num_steps=4)
     torch.manual_seed(0)
